@@ -1,0 +1,367 @@
+"""The training config: kohya-ss sd-scripts argument names, defaults and validation.
+
+A config comes from a TOML file (`loralab train --config run.toml`) whose keys are the argument names
+of kohya's `train_network.py` (sections such as `[model]` or `[training]` are flattened one level, as
+kohya does), then `--key value` overrides from the command line (CLI > TOML > default).
+
+Unlike kohya, unknown keys are an error (with the closest known names), and values are checked before
+any model loads. A few kohya keys that do nothing in loralab (attention backends, dataloader worker
+counts) are accepted with a note, so configs written for kohya or its GUI still load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import LoralabError
+
+log = logging.getLogger(__name__)
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "") -> Any:
+    meta = {"help": help, "choices": choices, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "Prodigy", "DAdaptation", "DAdaptAdam",
+              "DAdaptLion", "DAdaptSGD", "DAdaptAdaGrad", "DAdaptAdan", "Adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+            "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    pretrained_model_name_or_path: str = _f("", "base model: single-file .safetensors/.ckpt (LDM layout) or a diffusers folder", group="model")
+    v2: bool = _f(False, "SD 2.x model (detected from the checkpoint; kept for kohya configs)", group="model")
+    v_parameterization: bool = _f(False, "v-prediction model (SD 2.x 768-v); loss target is the velocity", group="model")
+    vae: str = _f("", "separate VAE file or folder to use instead of the checkpoint's", group="model")
+    clip_skip: int = _f(0, "use the k-th last text-encoder layer (2 for NAI-style anime models; 0/1 = last)", group="model")
+    max_token_length: int = _f(75, "caption tokens: 75, 150 or 225 (75-token chunks)", choices=(75, 150, 225), group="model")
+    device: str = _f("", "torch device (default: cuda if available, else cpu)", group="model")
+    # --- dataset
+    train_data_dir: str = _f("", "folder holding <repeats>_<name>/ image folders", group="dataset")
+    reg_data_dir: str = _f("", "folder holding <repeats>_<class>/ regularization image folders", group="dataset")
+    caption_extension: str = _f(".txt", "caption file extension next to each image", group="dataset")
+    resolution: str = _f("512", "training resolution 'W,H' or 'S'", group="dataset")
+    enable_bucket: bool = _f(False, "aspect-ratio buckets", group="dataset")
+    min_bucket_reso: int = _f(256, "smallest bucket side", group="dataset")
+    max_bucket_reso: int = _f(1024, "largest bucket side", group="dataset")
+    bucket_reso_steps: int = _f(64, "bucket side step (64 for SD 1.x/2.x)", group="dataset")
+    bucket_no_upscale: bool = _f(False, "never upscale images to a bigger bucket", group="dataset")
+    flip_aug: bool = _f(False, "random horizontal flip (p=0.5)", group="dataset")
+    shuffle_caption: bool = _f(False, "shuffle comma-separated tags (keep_tokens stay in front)", group="dataset")
+    keep_tokens: int = _f(0, "first N tags are never shuffled or dropped (activation tags)", group="dataset")
+    keep_tokens_separator: str = _f("", "tags before this separator are kept (overrides keep_tokens)", group="dataset")
+    caption_separator: str = _f(",", "tag separator", group="dataset")
+    secondary_separator: str = _f("", "separator inside a tag group, replaced by caption_separator", group="dataset")
+    enable_wildcard: bool = _f(False, "{a|b} wildcards and multi-line captions", group="dataset")
+    caption_prefix: str = _f("", "text added before every caption", group="dataset")
+    caption_suffix: str = _f("", "text added after every caption", group="dataset")
+    caption_dropout_rate: float = _f(0.0, "probability of training an image with an empty caption", group="dataset")
+    caption_dropout_every_n_epochs: int = _f(0, "empty captions for a whole epoch every N epochs", group="dataset")
+    caption_tag_dropout_rate: float = _f(0.0, "probability of dropping each non-kept tag", group="dataset")
+    prior_loss_weight: float = _f(1.0, "loss weight of regularization images", group="dataset")
+    cache_latents: bool = _f(False, "encode images once and keep latents in memory", group="dataset")
+    cache_latents_to_disk: bool = _f(False, "cache latents in .npz files next to the images (reused by later runs)", group="dataset")
+    vae_batch_size: int = _f(1, "batch size when caching latents", group="dataset")
+    # --- network
+    network_module: str = _f("networks.lora", "network type (networks.lora: LoRA / LoCon with conv_dim)", choices=("networks.lora",), group="network")
+    network_dim: int = _f(4, "LoRA rank", group="network")
+    network_alpha: float = _f(1.0, "LoRA alpha; scale = alpha / dim", group="network")
+    network_dropout: float = _f(0.0, "dropout on the LoRA down projection (training only)", group="network")
+    network_args: list = _f([], "kohya network_args 'k=v' list: conv_dim, conv_alpha, rank_dropout, module_dropout", group="network")
+    conv_dim: int = _f(0, "rank for the ResNet 3x3 convs (LoCon); 0 = off", group="network")
+    conv_alpha: float = _f(1.0, "alpha for conv_dim", group="network")
+    rank_dropout: float = _f(0.0, "drop each rank with this probability (training only)", group="network")
+    module_dropout: float = _f(0.0, "skip a whole LoRA module with this probability (training only)", group="network")
+    scale_weight_norms: float = _f(0.0, "max-norm: scale down any module whose |dW| exceeds this (0 = off)", group="network")
+    network_weights: str = _f("", "continue from this LoRA file (its own dims and alphas)", group="network")
+    network_train_unet_only: bool = _f(False, "train only the UNet LoRA", group="network")
+    network_train_text_encoder_only: bool = _f(False, "train only the text-encoder LoRA", group="network")
+    stop_text_encoder_training: int = _f(0, "stop text-encoder LoRA training after this many steps (0 = never)", group="network")
+    learning_rate: float = _f(1e-4, "learning rate (fallback for unet_lr / text_encoder_lr)", group="network")
+    unet_lr: float = _f(-1.0, "UNet LoRA learning rate (-1 = learning_rate)", group="network")
+    text_encoder_lr: float = _f(-1.0, "text-encoder LoRA learning rate (-1 = learning_rate; 0 = UNet only)", group="network")
+    # --- training
+    max_train_steps: int = _f(1600, "total optimizer steps (max_train_epochs overrides)", group="training")
+    max_train_epochs: int = _f(0, "total epochs (0 = use max_train_steps)", group="training")
+    train_batch_size: int = _f(1, "images per batch", group="training")
+    gradient_accumulation_steps: int = _f(1, "batches per optimizer step", group="training")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, slower)", group="training")
+    mixed_precision: str = _f("no", "autocast precision (fp16 uses loss scaling)", choices=("no", "fp16", "bf16"), group="training")
+    save_precision: str = _f("fp16", "dtype of saved LoRA files", choices=("float", "fp32", "fp16", "bf16"), group="training")
+    seed: int = _f(0, "random seed (everything derives from it)", group="training")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)", group="training")
+    optimizer_type: str = _f("AdamW", "optimizer: " + ", ".join(OPTIMIZERS) + " or a dotted class path", group="training")
+    optimizer_args: list = _f([], "optimizer keyword args, kohya syntax: 'weight_decay=0.01 betas=0.9,0.99'", group="training")
+    lr_scheduler: str = _f("constant", "learning-rate schedule", choices=SCHEDULERS, group="training")
+    lr_warmup_steps: float = _f(0, "warmup: a step count, or a fraction (<1) of all steps", group="training")
+    lr_scheduler_num_cycles: int = _f(1, "restarts for cosine_with_restarts", group="training")
+    lr_scheduler_power: float = _f(1.0, "power for polynomial", group="training")
+    min_snr_gamma: float = _f(0.0, "min-SNR loss weighting gamma (5 is common; 0 = off)", group="training")
+    noise_offset: float = _f(0.0, "noise offset (0.05-0.1 lets the model learn darker/brighter images)", group="training")
+    noise_offset_random_strength: bool = _f(False, "scale noise_offset by U(0,1) each step", group="training")
+    adaptive_noise_scale: float = _f(0.0, "add this times |latent mean| to the noise offset", group="training")
+    multires_noise_iterations: int = _f(0, "pyramid (multires) noise levels (6-10 typical; 0 = off)", group="training")
+    multires_noise_discount: float = _f(0.3, "pyramid noise discount per level", group="training")
+    min_timestep: int = _f(0, "smallest training timestep", group="training")
+    max_timestep: int = _f(1000, "largest training timestep (exclusive)", group="training")
+    # --- output
+    output_dir: str = _f("output", "where LoRA files, samples and logs go", group="output")
+    output_name: str = _f("last", "file name stem of the saved LoRA", group="output")
+    save_every_n_epochs: int = _f(0, "save <output_name>-NNNNNN.safetensors every N epochs (0 = only at the end)", group="output")
+    save_every_n_steps: int = _f(0, "save <output_name>-stepNNNNNNNN.safetensors every N steps", group="output")
+    save_model_as: str = _f("safetensors", "file format", choices=("safetensors",), group="output")
+    save_state: bool = _f(False, "save the full training state next to each save (for resume)", group="output")
+    save_state_on_train_end: bool = _f(False, "save the training state at the end", group="output")
+    resume: str = _f("", "resume from a state folder written by save_state", group="output")
+    sample_prompts: str = _f("", "prompt file (kohya syntax: prompt --n neg --w 512 --h 512 --d seed --s steps --l cfg)", group="output")
+    sample_every_n_epochs: int = _f(0, "sample images every N epochs", group="output")
+    sample_every_n_steps: int = _f(0, "sample images every N steps", group="output")
+    sample_at_first: bool = _f(False, "sample images before training", group="output")
+    sample_sampler: str = _f("ddim", "sampler for sample images", choices=SAMPLERS, group="output")
+    logging_dir: str = _f("", "TensorBoard log folder (a machine-readable train_log.jsonl is always written to output_dir)", group="output")
+    log_prefix: str = _f("", "prefix of the TensorBoard run folder name", group="output")
+    training_comment: str = _f("", "stored as ss_training_comment", group="output")
+    no_metadata: bool = _f(False, "write only the minimal ss_* metadata", group="output")
+    metadata_title: str = _f("", "modelspec.title (default: output_name)", group="output")
+    metadata_author: str = _f("", "modelspec.author", group="output")
+    metadata_description: str = _f("", "modelspec.description", group="output")
+    metadata_license: str = _f("", "modelspec.license", group="output")
+    metadata_tags: str = _f("", "modelspec.tags", group="output")
+
+    # ---------------------------------------------------------------- derived values
+    def resolution_wh(self) -> tuple[int, int]:
+        w, h = _parse_resolution(self.resolution)
+        return w, h
+
+    def network_options(self) -> dict[str, Any]:
+        """conv_dim, conv_alpha, rank_dropout, module_dropout: network_args win over top-level keys (kohya puts them there)."""
+        out = {"conv_dim": self.conv_dim, "conv_alpha": self.conv_alpha, "rank_dropout": self.rank_dropout,
+               "module_dropout": self.module_dropout}
+        for item in self.network_args:
+            key, _, value = str(item).partition("=")
+            key = key.strip()
+            if key not in out:
+                raise LoralabError(f"network_args: unknown argument {key!r}; accepted: {', '.join(out)}")
+            try:
+                out[key] = type(out[key])(float(value)) if key != "conv_dim" else int(float(value))
+            except ValueError:
+                raise LoralabError(f"network_args: {item!r} needs a number after '='") from None
+        return out
+
+
+# kohya keys that do nothing here; accepted so existing configs load
+IGNORED_KOHYA_KEYS = {
+    "xformers": "attention uses torch SDPA", "sdpa": "attention uses torch SDPA", "mem_eff_attn": "attention uses torch SDPA",
+    "max_data_loader_n_workers": "images load in the main process", "persistent_data_loader_workers": "no loader workers",
+    "lowram": "not needed", "highvram": "not needed", "log_with": "TensorBoard when logging_dir is set",
+    "log_tracker_name": "not used", "save_n_epoch_ratio": "use save_every_n_epochs", "dataset_repeats": "repeats come from folder names",
+    "sample_sampler_args": "not used", "mixed_precision_vae": "not used", "no_half_vae": "the VAE runs in fp32",
+}
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _parse_resolution(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) == 1:
+        return nums[0], nums[0]
+    if len(nums) == 2:
+        return nums[0], nums[1]
+    raise LoralabError(f"resolution: {value!r} is not 'W,H' or a single size such as 512")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a TOML or command-line value to the type of the field `name`."""
+    f = _FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    where = f"{name} ({source})"
+    try:
+        if name == "resolution":
+            w, h = _parse_resolution(value)
+            return f"{w},{h}"
+        if name == "lr_warmup_steps":
+            return _parse_warmup(value)
+        if name in ("unet_lr", "text_encoder_lr") and isinstance(value, list):
+            value = value[0] if value else -1.0
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError("expected true or false")
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(value) if not isinstance(value, str) else int(float(value))
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return value.split() if value.strip() else []
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            raise ValueError("expected a list of 'key=value' strings")
+        if isinstance(default, str):
+            if isinstance(value, (dict, list)):
+                raise ValueError("expected a string")
+            return "" if value is None else str(value)
+    except (ValueError, TypeError) as e:
+        raise LoralabError(f"{where}: bad value {value!r}: {e}") from None
+    return value
+
+
+def _parse_warmup(value: Any) -> float:
+    """lr_warmup_steps: an integer step count, a fraction < 1 of all steps, or 'N%'."""
+    if isinstance(value, str):
+        v = value.strip()
+        if v.endswith("%"):
+            return float(v[:-1]) / 100.0
+        value = float(v)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError("expected a step count, a fraction below 1, or 'N%'")
+    return float(value)
+
+
+def _flatten(doc: dict, path: str) -> dict[str, Any]:
+    """kohya flattens one level of [sections]."""
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            for k2, v2 in value.items():
+                if isinstance(v2, dict):
+                    raise LoralabError(f"{path}: [{key}.{k2}] nests too deep; use one level of [section]")
+                flat[k2] = v2
+        else:
+            flat[key] = value
+    return flat
+
+
+def _unknown_key_error(key: str, source: str) -> LoralabError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else " `loralab train --help` lists every key."
+    return LoralabError(f"{source}: unknown key {key!r}.{hint}")
+
+
+def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """TOML file, then command-line overrides (CLI > TOML > default); validated."""
+    values: dict[str, Any] = {}
+    if toml_path:
+        p = Path(toml_path)
+        try:
+            doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LoralabError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise LoralabError(f"{p}: not valid TOML: {e}") from None
+        for key, value in _flatten(doc, str(p)).items():
+            values[key] = (value, str(p))
+    for key, value in (overrides or {}).items():
+        values[key] = (value, "command line")
+    kwargs: dict[str, Any] = {}
+    for key, (value, source) in values.items():
+        if key in IGNORED_KOHYA_KEYS:
+            log.info("config key %s is ignored: %s", key, IGNORED_KOHYA_KEYS[key])
+            continue
+        if key not in _FIELDS:
+            raise _unknown_key_error(key, source)
+        kwargs[key] = _coerce(key, value, source)
+    cfg = TrainConfig(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no model: choices, ranges, paths, combinations."""
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise LoralabError(f"{f.name}: {getattr(cfg, f.name)!r} is not accepted; use one of {', '.join(map(str, choices))}")
+    if not cfg.pretrained_model_name_or_path:
+        raise LoralabError("pretrained_model_name_or_path: missing; give the base model file or folder")
+    if not Path(cfg.pretrained_model_name_or_path).exists():
+        raise LoralabError(f"pretrained_model_name_or_path: {cfg.pretrained_model_name_or_path} does not exist")
+    if not cfg.train_data_dir:
+        raise LoralabError("train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders")
+    for key in ("train_data_dir", "reg_data_dir", "vae", "network_weights", "sample_prompts", "resume"):
+        value = getattr(cfg, key)
+        if value and not Path(value).exists():
+            raise LoralabError(f"{key}: {value} does not exist")
+    w, h = cfg.resolution_wh()
+    if w % 8 or h % 8 or w <= 0 or h <= 0:
+        raise LoralabError(f"resolution: {w},{h} must be positive multiples of 8")
+    positive = ("network_dim", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "bucket_reso_steps")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise LoralabError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
+    for key in ("network_dropout", "rank_dropout", "module_dropout", "caption_dropout_rate", "caption_tag_dropout_rate"):
+        v = getattr(cfg, key)
+        if not 0.0 <= v < 1.0:
+            raise LoralabError(f"{key}: must be in [0, 1), got {v}")
+    opts = cfg.network_options()
+    for key in ("rank_dropout", "module_dropout"):
+        if not 0.0 <= opts[key] < 1.0:
+            raise LoralabError(f"network_args {key}: must be in [0, 1), got {opts[key]}")
+    if cfg.max_train_epochs < 0 or cfg.max_train_steps < 1 and cfg.max_train_epochs == 0:
+        raise LoralabError("max_train_steps / max_train_epochs: give a positive number of steps or epochs")
+    if not 0 <= cfg.min_timestep < cfg.max_timestep <= 1000:
+        raise LoralabError(f"min_timestep/max_timestep: need 0 <= min < max <= 1000, got {cfg.min_timestep}, {cfg.max_timestep}")
+    if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
+        raise LoralabError("network_train_unet_only and network_train_text_encoder_only: choose at most one")
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
+        raise LoralabError("lr_warmup_steps: the constant scheduler has no warmup; use lr_scheduler = \"constant_with_warmup\"")
+    if cfg.clip_skip < 0:
+        raise LoralabError(f"clip_skip: must be 0 or more, got {cfg.clip_skip}")
+    if cfg.cache_latents_to_disk and not cfg.cache_latents:
+        cfg.cache_latents = True  # kohya: to_disk implies cache_latents
+    if cfg.max_bucket_reso < cfg.min_bucket_reso:
+        raise LoralabError("min_bucket_reso/max_bucket_reso: min must not exceed max")
+    if cfg.save_every_n_epochs < 0 or cfg.save_every_n_steps < 0:
+        raise LoralabError("save_every_n_epochs/save_every_n_steps: must be 0 or more")
+
+
+def config_help() -> str:
+    """Every key, its default and meaning, grouped; used by `loralab train --help`."""
+    lines: list[str] = []
+    group = None
+    for f in fields(TrainConfig):
+        g = f.metadata.get("group", "")
+        if g != group:
+            group = g
+            lines.append(f"\n[{g}]")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        choices = f.metadata.get("choices")
+        extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+        lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,303 @@
+"""Noise, timesteps, training target and loss weighting for one diffusion training step.
+
+Each guide term lives in one function named after it, with its formula in the docstring:
+`noise_offset`, `pyramid_noise_like` (multires noise), `input_perturbation` (ip_noise_gamma),
+`sample_timesteps`, `training_target` (ε or v-parameterization), `compute_snr`, `min_snr_weight`,
+`prior_loss_weight`, `loss_per_sample`. `make_noisy_latents` chains the noise steps in kohya-ss
+sd-scripts' order (`train_util.get_noise_noisy_latents_and_timesteps`):
+
+    noise = randn_like(latents)
+    noise = noise_offset(noise, ...)            if noise_offset
+    noise = pyramid_noise_like(noise, ...)      if multires_noise_iterations
+    t     = randint(min_timestep, max_timestep)
+    noisy = scheduler.add_noise(latents, noise [+ ip noise], t)   # the target stays `noise`
+
+Every random draw takes a `torch.Generator`, so a loop that owns one generator (and saves its state
+with the training state) is exactly reproducible and resumable. With `generator=None` the global torch
+RNG is used. Draws happen on the generator's device and are then moved to the latents' device, so a CPU
+generator gives the same numbers whatever the training device.
+
+These functions take plain arguments (no config object) and know nothing about the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from loralab.errors import LoralabError
+
+__all__ = [
+    "compute_snr",
+    "input_perturbation",
+    "loss_per_sample",
+    "make_noisy_latents",
+    "min_snr_weight",
+    "noise_offset",
+    "prior_loss_weight",
+    "pyramid_noise_like",
+    "sample_timesteps",
+    "training_target",
+]
+
+
+# ---------------------------------------------------------------------------------------- random draws
+def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    return generator.device if generator is not None else device
+
+
+def _randn(shape: Sequence[int], *, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise of `shape` with the dtype and device of `like`, drawn from `generator`."""
+    out = torch.randn(
+        tuple(shape), generator=generator, device=_draw_device(generator, like.device), dtype=like.dtype
+    )
+    return out.to(like.device)
+
+
+def _rand_scalar(generator: torch.Generator | None, device: torch.device) -> float:
+    """One U(0,1) draw as a Python float."""
+    return float(torch.rand((), generator=generator, device=_draw_device(generator, device)).item())
+
+
+# ----------------------------------------------------------------------------------------- noise terms
+def noise_offset(
+    noise: torch.Tensor,
+    offset: float,
+    *,
+    random_strength: bool = False,
+    adaptive_noise_scale: float | None = None,
+    latents: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Noise offset (crosslabs "diffusion with offset noise"; kohya `--noise_offset`).
+
+        off   = offset · (u if random_strength else 1),   u ~ U(0,1), one scalar per batch
+        off   = clamp(off + adaptive_noise_scale · |mean_HW(latents)|, min=0)   (if adaptive; per (B,C))
+        noise = noise + off · randn(B, C, 1, 1)
+
+    Draw order (kohya's): u first (only with random_strength), then the (B,C,1,1) normal.
+    Returns a new tensor; `noise` is not modified.
+    """
+    b, c = noise.shape[0], noise.shape[1]
+    off: float | torch.Tensor = offset
+    if random_strength:
+        off = _rand_scalar(generator, noise.device) * offset
+    if adaptive_noise_scale is not None:
+        if latents is None:
+            raise ValueError("noise_offset with adaptive_noise_scale needs the latents")
+        latent_mean = latents.mean(dim=(2, 3), keepdim=True).abs()
+        off = torch.clamp(off + adaptive_noise_scale * latent_mean, min=0.0)
+    per_channel = _randn((b, c, 1, 1), like=noise, generator=generator)
+    return noise + off * per_channel
+
+
+# `make_noisy_latents` has a keyword argument of the same name; it calls the function through this alias.
+_noise_offset = noise_offset
+
+
+def pyramid_noise_like(
+    noise: torch.Tensor,
+    iterations: int = 6,
+    discount: float = 0.4,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pyramid ("multires") noise, kohya `custom_train_functions.pyramid_noise_like`, exactly:
+
+        for i in range(iterations):
+            r      = 2 + 2·u,  u ~ U(0,1)            # a new r in [2, 4) at every level
+            h_i    = max(1, int(H / r**i)),  w_i = max(1, int(W / r**i))
+            noise += upsample_bilinear(randn(B, C, h_i, w_i), (H, W)) · discount**i
+            if h_i == 1 or w_i == 1: break            # the coarsest level was 1 pixel wide
+        return noise / noise.std()                    # ONE std over the whole batch tensor
+
+    Level 0 adds full-resolution noise with weight 1. kohya's function default discount is 0.4, its
+    `--multires_noise_discount` default 0.3 (used by `make_noisy_latents`). Draw order per level: u, then
+    the normal. kohya draws r from Python's `random`; here it comes from `generator` too, so the whole
+    step is reproducible from one generator. Returns a new tensor; `noise` is not modified.
+    """
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = _rand_scalar(generator, noise.device) * 2 + 2
+        hn, wn = max(1, int(h / (r**i))), max(1, int(w / (r**i)))
+        level = _randn((b, c, hn, wn), like=noise, generator=generator)
+        out += F.interpolate(level, size=(h, w), mode="bilinear") * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
+
+
+def input_perturbation(
+    noise: torch.Tensor,
+    gamma: float,
+    *,
+    random_strength: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Input perturbation noise (kohya `--ip_noise_gamma`, Ning et al. 2023).
+
+        g = gamma · (u if random_strength else 1),   u ~ U(0,1)
+        returns noise + g · randn_like(noise)
+
+    Only the noisy input x_t uses the perturbed noise; the training target stays the unperturbed noise.
+    """
+    g = gamma * _rand_scalar(generator, noise.device) if random_strength else gamma
+    return noise + g * _randn(noise.shape, like=noise, generator=generator)
+
+
+def sample_timesteps(
+    batch: int,
+    min_timestep: int = 0,
+    max_timestep: int = 1000,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training timesteps, one per sample: t ~ randint(min_timestep, max_timestep) (max exclusive).
+
+    When min_timestep == max_timestep every t equals max_timestep (kohya `get_timesteps`).
+    Returns a LongTensor of shape (batch,) on `device`.
+    """
+    if not 0 <= min_timestep <= max_timestep:
+        raise LoralabError(
+            f"min_timestep={min_timestep}, max_timestep={max_timestep}: need 0 <= min_timestep <= max_timestep "
+            "(keys `min_timestep` / `max_timestep`); fix the values or leave them unset for 0 and 1000."
+        )
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    if min_timestep < max_timestep:
+        t = torch.randint(min_timestep, max_timestep, (batch,), generator=generator, device=draw_device)
+    else:
+        t = torch.full((batch,), max_timestep, device=draw_device)
+    return t.long().to(device if device is not None else draw_device)
+
+
+def make_noisy_latents(
+    latents: torch.Tensor,
+    scheduler,
+    *,
+    noise_offset: float | None = None,
+    noise_offset_random_strength: bool = False,
+    adaptive_noise_scale: float | None = None,
+    multires_noise_iterations: int | None = None,
+    multires_noise_discount: float = 0.3,
+    min_timestep: int | None = None,
+    max_timestep: int | None = None,
+    ip_noise_gamma: float | None = None,
+    ip_noise_gamma_random_strength: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample noise and timesteps and noise the latents, in kohya's order (see the module docstring).
+
+    `scheduler` is the training noise scheduler (diffusers `DDPMScheduler`). Falsy `noise_offset`,
+    `multires_noise_iterations` and `ip_noise_gamma` switch their step off, as in kohya. `max_timestep`
+    None means `scheduler.config.num_train_timesteps`.
+
+    Returns `(noise, noisy_latents, timesteps)`; `noise` is the ε target (without ip noise).
+    """
+    noise = _randn(latents.shape, like=latents, generator=generator)
+    if noise_offset:
+        noise = _noise_offset(
+            noise,
+            noise_offset,
+            random_strength=noise_offset_random_strength,
+            adaptive_noise_scale=adaptive_noise_scale,
+            latents=latents,
+            generator=generator,
+        )
+    if multires_noise_iterations:
+        noise = pyramid_noise_like(noise, multires_noise_iterations, multires_noise_discount, generator=generator)
+
+    t_min = 0 if min_timestep is None else min_timestep
+    t_max = scheduler.config.num_train_timesteps if max_timestep is None else max_timestep
+    timesteps = sample_timesteps(latents.shape[0], t_min, t_max, device=latents.device, generator=generator)
+
+    noise_in = noise
+    if ip_noise_gamma:
+        noise_in = input_perturbation(
+            noise, ip_noise_gamma, random_strength=ip_noise_gamma_random_strength, generator=generator
+        )
+    noisy_latents = scheduler.add_noise(latents, noise_in, timesteps)
+    return noise, noisy_latents, timesteps
+
+
+# ------------------------------------------------------------------------------------- target and loss
+def training_target(
+    scheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    v_parameterization: bool,
+) -> torch.Tensor:
+    """What the UNet learns to predict.
+
+        ε-prediction:      target = ε (the noise)
+        v-parameterization: target = v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·x0   (scheduler.get_velocity)
+
+    SD 2.x 768-v models and other v-pred fine-tunes need v_parameterization=True.
+    """
+    if v_parameterization:
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def compute_snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of each timestep: snr_t = ᾱ_t / (1 − ᾱ_t).
+
+    Computed as kohya does, (sqrt(ᾱ)/sqrt(1−ᾱ))², in float32 from `scheduler.alphas_cumprod`.
+    Returns a float32 tensor shaped like `timesteps`, on its device.
+    """
+    alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
+    all_snr = (torch.sqrt(alphas_cumprod) / torch.sqrt(1.0 - alphas_cumprod)) ** 2
+    return all_snr[timesteps.detach().to("cpu").long()].to(timesteps.device)
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool = False) -> torch.Tensor:
+    """Min-SNR-γ loss weight (Hang et al. 2023; kohya `apply_snr_weight`, `--min_snr_gamma`, 5 usual):
+
+        ε-prediction: w = min(snr, γ) / snr
+        v-prediction: w = min(snr, γ) / (snr + 1)
+    """
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if v_prediction else clipped / snr
+
+
+def prior_loss_weight(is_reg: Sequence[bool] | torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-sample loss weights for DreamBooth prior preservation (kohya `--prior_loss_weight`, default 1):
+
+        w_i = weight  if sample i is a regularization (class) image,  else 1
+    """
+    reg = torch.as_tensor(is_reg, dtype=torch.bool)
+    return torch.where(reg, torch.tensor(float(weight)), torch.tensor(1.0))
+
+
+def loss_per_sample(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    loss_weights: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+    scheduler=None,
+    min_snr_gamma: float | None = None,
+    v_parameterization: bool = False,
+) -> torch.Tensor:
+    """Per-sample training loss, kohya's `process_batch` / `post_process_loss` order:
+
+        l_i = mean_{C,H,W} (pred_i − target_i)²          (in float32)
+        l_i = l_i · loss_weights_i                        (prior_loss_weight for reg images, else 1)
+        l_i = l_i · min_snr_weight(snr(t_i), γ, v_pred)   (if min_snr_gamma)
+
+    Returns a tensor of shape (B,); the step's loss is its `.mean()`.
+    """
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if loss_weights is not None:
+        loss = loss * loss_weights.to(loss.device, loss.dtype)
+    if min_snr_gamma:
+        if timesteps is None or scheduler is None:
+            raise ValueError("min_snr_gamma needs the timesteps and the noise scheduler")
+        snr = compute_snr(scheduler, timesteps).to(loss.device)
+        loss = loss * min_snr_weight(snr, min_snr_gamma, v_parameterization)
+    return loss

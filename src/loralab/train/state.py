@@ -1,0 +1,85 @@
+"""Training state for `save_state` / `resume`: continue exactly where a run stopped.
+
+A state folder holds the LoRA weights in fp32, the optimizer, LR-scheduler and loss-scaler states, and
+`train_state.json` with the epoch, the global step and the step inside the epoch. Randomness in the loop
+is derived from (seed, global step) rather than carried in a generator, so these counters are the whole
+RNG state: a resumed run draws the same noise, timesteps, dropouts and caption shuffles as a straight
+one. Unlike kohya, the global step keeps counting across resumes (kohya restarts it at 0).
+
+The folder is written under a temporary name and renamed, so a crash never leaves a half state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loralab.errors import LoralabError
+
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainCounters:
+    epoch: int            # epochs finished
+    global_step: int      # optimizer steps done
+    batch_in_epoch: int   # batches of the current epoch already consumed (0 at an epoch boundary)
+    seed: int
+    max_train_steps: int
+
+
+def save_state(folder: Path, *, network_sd: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
+               scaler: Any | None, counters: TrainCounters) -> Path:
+    """Write the state folder atomically (temp folder, then rename over the old one)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in network_sd.items()}, str(tmp / "network.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(counters), indent=1), encoding="utf-8")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
+
+
+def load_counters(folder: str | Path) -> TrainCounters:
+    folder = Path(folder)
+    f = folder / STATE_FILE
+    if not f.is_file():
+        hint = ""
+        inner = sorted(p.parent for p in folder.glob(f"*/{STATE_FILE}")) if folder.is_dir() else []
+        if inner:
+            hint = f" It contains state folders, e.g. {inner[-1]}; point resume at one of them."
+        raise LoralabError(f"resume: {folder} is not a loralab state folder (no {STATE_FILE}).{hint}")
+    try:
+        return TrainCounters(**json.loads(f.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:
+        raise LoralabError(f"resume: {f} is unreadable ({e}); pick another state folder") from None
+
+
+def load_state(folder: str | Path, *, optimizer: Any, scheduler: Any, scaler: Any | None) -> dict[str, torch.Tensor]:
+    """Restore optimizer/scheduler/scaler in place; return the network weights."""
+    folder = Path(folder)
+    sd = load_file(str(folder / "network.safetensors"))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    if scaler is not None and (folder / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True))
+    return sd

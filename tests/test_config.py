@@ -1,0 +1,120 @@
+"""Config: kohya key names, TOML + command-line overrides, validation before any model loads."""
+
+import subprocess
+import sys
+
+import pytest
+
+from loralab.cli import _parse_overrides
+from loralab.config import TrainConfig, build_config, config_help
+from loralab.errors import LoralabError
+
+
+@pytest.fixture
+def paths(tmp_path):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")
+    data = tmp_path / "img"
+    data.mkdir()
+    return model, data
+
+
+def write_toml(tmp_path, text):
+    p = tmp_path / "run.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_toml_sections_are_flattened_and_cli_wins(tmp_path, paths):
+    model, data = paths
+    p = write_toml(tmp_path, f"""
+[model]
+pretrained_model_name_or_path = "{model}"
+clip_skip = 2
+[dataset]
+train_data_dir = "{data}"
+resolution = "512,768"
+[training]
+network_dim = 16
+optimizer_args = ["weight_decay=0.01", "betas=0.9,0.99"]
+lr_warmup_steps = 0.1
+lr_scheduler = "cosine"
+""")
+    cfg = build_config(p, {"network_dim": "32", "shuffle_caption": "true"})
+    assert cfg.network_dim == 32 and cfg.clip_skip == 2 and cfg.shuffle_caption is True
+    assert cfg.resolution_wh() == (512, 768)
+    assert cfg.optimizer_args == ["weight_decay=0.01", "betas=0.9,0.99"]
+    assert cfg.lr_warmup_steps == pytest.approx(0.1)
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path, paths):
+    model, data = paths
+    p = write_toml(tmp_path, f'pretrained_model_name_or_path = "{model}"\ntrain_data_dir = "{data}"\nnetwork_dimm = 8\n')
+    with pytest.raises(LoralabError, match=r"unknown key 'network_dimm'.*network_dim"):
+        build_config(p)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("network_dim", "abc", "network_dim"),
+    ("mixed_precision", "fp8", "mixed_precision.*no, fp16, bf16"),
+    ("lr_scheduler", "cosinus", "lr_scheduler"),
+    ("resolution", "511", "multiples of 8"),
+    ("max_token_length", "100", "max_token_length"),
+    ("caption_dropout_rate", "1.5", "caption_dropout_rate"),
+    ("shuffle_caption", "maybe", "shuffle_caption"),
+])
+def test_bad_values_are_rejected_with_the_key(paths, key, value, match):
+    model, data = paths
+    with pytest.raises(LoralabError, match=match):
+        build_config(None, {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data), key: value})
+
+
+def test_missing_paths_are_reported(tmp_path, paths):
+    model, data = paths
+    with pytest.raises(LoralabError, match="pretrained_model_name_or_path.*does not exist"):
+        build_config(None, {"pretrained_model_name_or_path": str(tmp_path / "nope.safetensors"), "train_data_dir": str(data)})
+    with pytest.raises(LoralabError, match="train_data_dir: missing"):
+        build_config(None, {"pretrained_model_name_or_path": str(model)})
+
+
+def test_constant_scheduler_refuses_warmup(paths):
+    model, data = paths
+    with pytest.raises(LoralabError, match="constant_with_warmup"):
+        build_config(None, {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data), "lr_warmup_steps": "10"})
+
+
+def test_network_args_in_kohya_syntax(paths):
+    model, data = paths
+    cfg = build_config(None, {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data),
+                              "network_args": ["conv_dim=8", "conv_alpha=4", "rank_dropout=0.1"]})
+    assert cfg.network_options() == {"conv_dim": 8, "conv_alpha": 4.0, "rank_dropout": 0.1, "module_dropout": 0.0}
+    with pytest.raises(LoralabError, match="network_args: unknown argument 'algo'"):
+        TrainConfig(network_args=["algo=loha"]).network_options()
+
+
+def test_ignored_kohya_keys_are_accepted(tmp_path, paths):
+    model, data = paths
+    p = write_toml(tmp_path, f'pretrained_model_name_or_path = "{model}"\ntrain_data_dir = "{data}"\nxformers = true\n'
+                             'max_data_loader_n_workers = 4\n')
+    assert build_config(p).train_data_dir == str(data)
+
+
+def test_cli_override_parsing():
+    assert _parse_overrides(["--network_dim", "8", "--flip_aug", "--unet_lr", "-1", "--optimizer_args", "a=1", "b=2"]) == {
+        "network_dim": "8", "flip_aug": "true", "unet_lr": "-1", "optimizer_args": ["a=1", "b=2"]}
+    assert _parse_overrides(["--seed=3"]) == {"seed": "3"}
+
+
+def test_help_lists_every_key_with_default():
+    text = config_help()
+    for key in ("network_dim", "min_snr_gamma", "keep_tokens", "scale_weight_norms", "save_every_n_epochs"):
+        assert key in text
+    out = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--help"], capture_output=True, text=True, check=True)
+    assert "multires_noise_discount = 0.3" in out.stdout
+
+
+def test_cli_prints_error_without_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--network_dim", "8"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "error: pretrained_model_name_or_path: missing" in out.stderr
+    assert "Traceback" not in out.stderr
