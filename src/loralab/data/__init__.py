@@ -1,1 +1,10 @@
+"""Dataset folders and captions, buckets, images and the latent cache.
 
+- `buckets`: bucket resolutions, bucket choice, resize and crop (kohya rules; no torch).
+- `captions`: the per-step caption pipeline (keep tokens, shuffle, dropouts, wildcards) and tag counting.
+- `images`: image sizes, loading as RGB, and the bucket resize + crop into a [-1, 1] tensor.
+- `dataset`: the `<repeats>_<name>/` folder layout, repeats, reg balancing, batches per epoch.
+- `latents`: the VAE latent cache in memory and in kohya-named .npz files.
+
+Only `latents` (and `images.prepare_image`, lazily) import torch.
+"""

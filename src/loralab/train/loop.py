@@ -99,7 +99,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------ 1. data (before any model loads)
-    subsets = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None, caption_extension=cfg.caption_extension)
+    subsets = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None, caption_extension=cfg.caption_extension,
+                                  enable_wildcard=cfg.enable_wildcard)
     dataset = FolderDataset(
         subsets, resolution=cfg.resolution_wh(), enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
         max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
@@ -347,8 +348,6 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         ep = epoch + 1
         if epoch_losses:
             train_log.epoch(ep, sum(epoch_losses) / len(epoch_losses), ctx.global_step)
-        if hooks.on_epoch_end:
-            hooks.on_epoch_end(ctx)
         finished = ctx.global_step >= max_steps or ep == num_epochs
         if cfg.save_every_n_epochs and ep % cfg.save_every_n_epochs == 0 and not finished:
             last_good = out_dir / f"{cfg.output_name}-{ep:06d}.safetensors"
@@ -357,6 +356,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                 save_training_state(f"{cfg.output_name}-{ep:06d}-state", ep, 0)
         if cfg.sample_every_n_epochs and ep % cfg.sample_every_n_epochs == 0:
             sample(f"{cfg.output_name}_e{ep:06d}")
+        if hooks.on_epoch_end:
+            hooks.on_epoch_end(ctx)  # after this epoch's saves, so a hook may stop the run like an interruption
         if finished:
             break
     progress.close()
