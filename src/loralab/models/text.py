@@ -83,7 +83,7 @@ def encode_text(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_ski
     if length % CHUNK:
         raise ValueError(f"input_ids length {length} is not a multiple of {CHUNK}")
     n = length // CHUNK
-    ids = input_ids.reshape(b * n, CHUNK).to(text_encoder.device)
+    ids = input_ids.reshape(b * n, CHUNK).to(next(text_encoder.parameters()).device)
     if clip_skip is None or clip_skip <= 1:
         states = text_encoder(ids)[0]
     else:

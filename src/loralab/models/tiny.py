@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 TINY_SD1_UNET = dict(
     sample_size=16,
@@ -49,10 +49,27 @@ TINY_CLIP_L = dict(
     pad_token_id=1,
 )
 TINY_OPENCLIP_H = dict(TINY_CLIP_L, hidden_size=48, intermediate_size=96, num_attention_heads=2, hidden_act="gelu")
+# SDXL: TE2 is OpenCLIP with its projection used (pooled text embeds); the UNet's context is TE1 + TE2 wide
+# (32 + 48), levels without / with attention like SDXL's [1, 2, 10] depths, and the text_time addition
+# embedding fed with pooled (32) + 6 size/crop numbers x 8.
+TINY_OPENCLIP_BIGG = dict(TINY_OPENCLIP_H, projection_dim=32)
+TINY_SDXL_UNET = dict(
+    TINY_SD1_UNET,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=32 + 48,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+)
 
 
 def tiny_sd_components(family: str = "sd1", seed: int = 0) -> dict:
-    """Random UNet, VAE and text encoder of the SD 1.x (`sd1`) or SD 2.x (`sd2`) architecture, tiny."""
+    """Random UNet, VAE and text encoder of the SD 1.x (`sd1`) or SD 2.x (`sd2`) architecture, tiny.
+    `sdxl` adds `text_encoder_2` (CLIPTextModelWithProjection)."""
     torch.manual_seed(seed)
     if family == "sd1":
         unet = UNet2DConditionModel(**TINY_SD1_UNET)
@@ -60,9 +77,17 @@ def tiny_sd_components(family: str = "sd1", seed: int = 0) -> dict:
     elif family == "sd2":
         unet = UNet2DConditionModel(**TINY_SD2_UNET)
         te = CLIPTextModel(CLIPTextConfig(**TINY_OPENCLIP_H))
+    elif family == "sdxl":
+        unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+        te = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_L))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_OPENCLIP_BIGG))
     else:
         raise ValueError(f"unknown family {family!r}")
     vae = AutoencoderKL(**TINY_VAE)
-    for m in (unet, vae, te):
+    out = {"unet": unet, "vae": vae, "text_encoder": te}
+    if family == "sdxl":
+        vae.register_to_config(scaling_factor=0.13025)
+        out["text_encoder_2"] = te2
+    for m in out.values():
         m.eval()
-    return {"unet": unet, "vae": vae, "text_encoder": te}
+    return out

@@ -95,15 +95,21 @@ def clip_tokenizer(pad_token: str = PAD_CLIP_L, *, vocab_path: str | Path | None
     )
 
 
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether `folder` holds a saved tokenizer: tokenizer.json, or vocab.json + merges.txt."""
+    folder = Path(folder)
+    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+
+
 def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """A diffusers folder's own tokenizer: `folder/tokenizer/` (or `folder` itself when it holds vocab.json).
+    """A diffusers folder's own tokenizer: `folder/tokenizer/` (or `folder` itself when it holds one).
 
     model_max_length is set to 77 when the folder leaves it at transformers' default (1e30)."""
     folder = Path(folder)
-    tok_dir = folder if (folder / "vocab.json").is_file() else folder / "tokenizer"
-    if not (tok_dir / "vocab.json").is_file() or not (tok_dir / "merges.txt").is_file():
+    tok_dir = folder if has_tokenizer(folder) else folder / "tokenizer"
+    if not has_tokenizer(tok_dir):
         raise LoralabError(
-            f"No tokenizer in {folder}: expected vocab.json and merges.txt in {tok_dir}. "
+            f"No tokenizer in {folder}: expected tokenizer.json, or vocab.json and merges.txt, in {tok_dir}. "
             "Use clip_tokenizer() for the built-in CLIP vocabulary, or copy the model's tokenizer folder there."
         )
     tok = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
