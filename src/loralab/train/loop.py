@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     lr_scheduler = create_scheduler(cfg.lr_scheduler, optimizer,
                                     warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps, max_steps),
                                     total_steps=max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
-                                    power=cfg.lr_scheduler_power)
+                                    power=cfg.lr_scheduler_power, initial_lr=cfg.learning_rate)
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
 
     # ------------------------------------------------------------------ 3. latents
@@ -225,6 +225,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                   bucket_info=dataset.bucket_info() if cfg.enable_bucket else None, network_args=opts)
     save_dtype = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
     train_log = TrainLog(out_dir, logging_dir=cfg.logging_dir or None, log_prefix=cfg.log_prefix, enabled=main)
+    if cfg.resume and counters.log_state:
+        train_log.load_state_dict(counters.log_state)
     saved: list[Path] = []
     samples: list[Path] = []
     ctx = TrainContext(cfg=cfg, model=model, network=network, epoch=epoch0, global_step=global_step)
@@ -242,20 +244,19 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             save_state(out_dir / name, network_sd=network.state_dict(), optimizer=optimizer, scheduler=lr_scheduler,
                        scaler=scaler, counters=TrainCounters(epoch=epoch, global_step=ctx.global_step,
                                                              batch_in_epoch=batch_in_epoch, seed=cfg.seed,
-                                                             max_train_steps=max_steps))
+                                                             max_train_steps=max_steps,
+                                                             log_state=train_log.state_dict()))
 
     def sample(stem: str) -> None:
         if not (main and prompts):
             return
-        network.eval()
         files = generate_samples(unet=unet, vae=vae, vae_scaling_factor=model.vae_scaling_factor,
                                  encode_prompt=lambda texts: encode_prompts(texts).to(weight_dtype),
                                  scheduler_config=dict(scheduler_noise.config), prompts=prompts,
                                  out_dir=out_dir / "sample", file_stem=stem, device=device, dtype=weight_dtype,
                                  default_seed=cfg.seed, v_parameterization=model.v_parameterization,
-                                 sampler=cfg.sample_sampler)
+                                 sampler=cfg.sample_sampler, eval_modules=[network])
         samples.extend(files)
-        network.train()
 
     if cfg.sample_at_first and not cfg.resume:
         sample(f"{cfg.output_name}_e{0:06d}")
@@ -296,7 +297,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             with autocast:
                 pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
             target = N.training_target(scheduler_noise, latents, noise, timesteps, model.v_parameterization)
-            weights = torch.tensor([cfg.prior_loss_weight if s.is_reg else 1.0 for s in batch], device=device)
+            weights = N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight).to(device)
             loss = N.loss_per_sample(pred.float(), target.float(), loss_weights=weights, timesteps=timesteps,
                                      scheduler=scheduler_noise, min_snr_gamma=cfg.min_snr_gamma or None,
                                      v_parameterization=model.v_parameterization).mean()
@@ -347,7 +348,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         skip_batches = 0
         ep = epoch + 1
         if epoch_losses:
-            train_log.epoch(ep, sum(epoch_losses) / len(epoch_losses), ctx.global_step)
+            train_log.epoch(ep, step=ctx.global_step)
         finished = ctx.global_step >= max_steps or ep == num_epochs
         if cfg.save_every_n_epochs and ep % cfg.save_every_n_epochs == 0 and not finished:
             last_good = out_dir / f"{cfg.output_name}-{ep:06d}.safetensors"

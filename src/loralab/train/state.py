@@ -32,6 +32,7 @@ class TrainCounters:
     batch_in_epoch: int   # batches of the current epoch already consumed (0 at an epoch boundary)
     seed: int
     max_train_steps: int
+    log_state: dict | None = None  # the train log's moving-average state, so loss/average continues exactly
 
 
 def save_state(folder: Path, *, network_sd: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
