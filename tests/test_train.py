@@ -91,7 +91,7 @@ def test_overfitting_one_image_drives_the_loss_down(tmp_path, tiny_sd1_checkpoin
                                       network_train_unet_only="true", min_timestep=400, max_timestep=401,
                                       cache_latents="true"))
     result = train(cfg)
-    losses = [json.loads(l)["loss"] for l in result.log_file.read_text().splitlines() if '"kind": "step"' in l]
+    losses = [json.loads(l)["loss/current"] for l in result.log_file.read_text().splitlines() if '"kind": "step"' in l]
     assert len(losses) == 60
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
 

@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
         m.eval()
-    vae.to(device, dtype=torch.float32)  # the VAE stays fp32 (fp16 VAEs overflow: kohya's no_half_vae)
+    _to(vae, device, torch.float32)  # the VAE stays fp32 (fp16 VAEs overflow: kohya's no_half_vae)
 
     opts = cfg.network_options()
     train_unet = not cfg.network_train_text_encoder_only
@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     net_cfg = NetworkConfig(dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=opts["conv_dim"] or None,
                             conv_alpha=opts["conv_alpha"], dropout=cfg.network_dropout or None,
                             rank_dropout=opts["rank_dropout"] or None, module_dropout=opts["module_dropout"] or None,
-                            train_unet=train_unet, train_text_encoder=train_te)
+                            train_unet=train_unet, train_text_encoder=not cfg.network_train_unet_only)
     if cfg.network_weights:
         network = LoRANetwork.from_weights(cfg.network_weights, unet, [text_encoder], model.family, cfg=net_cfg)
     else:
@@ -159,8 +159,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if not train_te:
         log.warning("the text-encoder LoRA is not trained (%s)",
                     "network_train_unet_only" if cfg.network_train_unet_only else "text_encoder_lr = 0")
-    unet.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype if not train_te else torch.float32)
+    _to(unet, device, weight_dtype)
+    _to(text_encoder, device, weight_dtype if not train_te else torch.float32)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
@@ -327,7 +327,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 norms = network.max_norm(cfg.scale_weight_norms) if cfg.scale_weight_norms > 0 else None
                 ctx.global_step += 1
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 epoch_losses.append(loss_value)
                 ctx.losses.append(loss_value)
                 lrs = current_lrs(optimizer, lr_scheduler)
@@ -376,6 +376,13 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     return TrainResult(final_file=final if main else None, saved_files=saved, sample_files=samples,
                        global_step=ctx.global_step, epochs=ctx.epoch + 1, log_file=train_log.jsonl_path,
                        last_loss=loss_value)
+
+
+def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen model; cast only when the dtype changes (diffusers warns on every cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
 
 
 def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
