@@ -169,3 +169,27 @@ def test_accelerate_two_processes_on_cpu(tmp_path, tiny_sd1_checkpoint):
                        capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert [p.name for p in (tmp_path / "out").glob("*.safetensors")] == ["ddp.safetensors"]
+
+
+@pytest.mark.parametrize("opts", [
+    {"mixed_precision": "bf16", "gradient_checkpointing": "true", "save_precision": "bf16"},
+    {"mixed_precision": "fp16", "save_precision": "fp16"},
+    {"optimizer_type": "Prodigy", "learning_rate": "1.0",
+     "optimizer_args": "decouple=True weight_decay=0.01 d_coef=0.8 use_bias_correction=True safeguard_warmup=True betas=0.9,0.99",
+     "network_args": "conv_dim=4 conv_alpha=2", "scale_weight_norms": "0.5", "min_snr_gamma": "5",
+     "multires_noise_iterations": "4", "lr_scheduler": "cosine_with_restarts", "lr_warmup_steps": "0.5",
+     "max_token_length": "150", "clip_skip": "2", "gradient_accumulation_steps": "2"},
+])
+def test_training_options_run_and_save(tmp_path, tiny_sd1_checkpoint, opts):
+    img, _ = make_dataset(tmp_path, concepts=(("2_alpha", 2),), reg=False)
+    result = train(build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", max_train_steps=3, **opts)))
+    sd = load_file(str(result.final_file))
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.get("save_precision"), torch.float32)
+    assert all(t.dtype == want for k, t in sd.items() if not k.endswith(".alpha"))
+    assert all(torch.isfinite(t.float()).all() for t in sd.values())
+    ups = [t for k, t in sd.items() if k.endswith("lora_up.weight")]
+    assert any(t.abs().sum() > 0 for t in ups)  # it trained
+    if "network_args" in opts:
+        assert any("_resnets_" in k for k in sd)  # LoCon modules
+        records = [json.loads(l) for l in result.log_file.read_text().splitlines()]
+        assert any("max_norm/keys_scaled" in r for r in records if r["kind"] == "step")
