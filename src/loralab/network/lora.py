@@ -30,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralab.errors import LoralabError
+from loralab.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -672,11 +671,11 @@ class LoRANetwork(nn.Module):
             if bad:
                 raise TypeError(f"safetensors metadata values must be str; not for: {', '.join(map(str, bad))}")
             md["sshs_model_hash"], md["sshs_legacy_hash"] = precalculate_safetensors_hashes(sd, md)
-            _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=md))
+            atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=md))
         else:
             if metadata:
                 log.warning("%s: metadata is only stored in .safetensors files", path)
-            _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+            atomic_write(path, lambda tmp: torch.save(sd, tmp))
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -766,19 +765,3 @@ def precalculate_safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadat
     model_hash = hashlib.sha256(data[8 + n:]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
     return model_hash, legacy_hash
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, fsync, then os.replace onto `path` (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

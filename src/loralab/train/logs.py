@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from loralab.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LOG_FILE_NAME", "LossRecorder", "TrainLog", "plot_loss", "read_train_log"]
@@ -291,11 +293,5 @@ def plot_loss(records: Iterable[Mapping[str, Any]], out_png: str | Path, *, titl
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out_png)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
     return out_png

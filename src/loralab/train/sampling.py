@@ -27,7 +27,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import re
 import time
 import tomllib
@@ -41,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from loralab.errors import LoralabError
+from loralab.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -306,13 +306,7 @@ def make_sampler(
 
 # ------------------------------------------------------------------------------------ generation
 def _save_png_atomically(image: Image.Image, path: Path, info: PngInfo | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def _encode(encode_prompt: Callable, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
