@@ -86,6 +86,8 @@ def bench_loralab(model_dir: Path, data_dir: Path, out: Path, res: int, bs: int,
     def on_step(ctx) -> None:
         sync(dev)
         times.append(time.perf_counter())
+        if dev == "cuda" and len(times) == warm:
+            torch.cuda.reset_peak_memory_stats()  # like the plain step: peak of the timed steps, after cuDNN autotuning
 
     cfg = build_config(None, {
         "pretrained_model_name_or_path": str(model_dir), "train_data_dir": str(data_dir), "output_dir": str(out),
@@ -93,8 +95,6 @@ def bench_loralab(model_dir: Path, data_dir: Path, out: Path, res: int, bs: int,
         "train_batch_size": str(bs), "max_train_steps": str(warm + steps), "cache_latents": "true",
         "mixed_precision": "bf16" if dev == "cuda" else "no", "network_train_unet_only": "true",
         "learning_rate": "1e-4", "device": dev, "save_precision": "fp16"})
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     train(cfg, TrainHooks(on_step_end=on_step))
     dt = (times[-1] - times[warm - 1]) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
@@ -185,7 +185,7 @@ def main() -> int:
     write_dataset(work / "data", max(args.batch) * 4, res)
     rows = []
     for bs in args.batch:
-        rows.append(bench_loralab(work / "model", work / "data", out / f"bs{bs}", res, bs, args.steps, args.warm, dev))
+        rows.append(bench_loralab(work / "model", work / "data", work / f"run_bs{bs}", res, bs, args.steps, args.warm, dev))
         rows.append(bench_plain(unet_cfg, res, bs, args.steps, args.warm, dev))
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"\nmodel={args.model} res={res} device={device} torch={torch.__version__}")
