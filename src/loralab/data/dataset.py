@@ -144,7 +144,7 @@ def _scan_subset(subset: Subset, caption_extension: str, enable_wildcard: bool, 
                     subset.dir, len(empty), _names(empty), fallback)
 
 
-def _scan_root(root: Path, key: str, is_reg: bool) -> list[Subset]:
+def scan_root(root: Path, key: str, is_reg: bool) -> list[Subset]:
     """The `<N>_<name>` subfolders of `root` (sorted by name; kohya takes directory order)."""
     what = "give the folder that holds <repeats>_<name>/ folders"
     if not root.exists():
@@ -213,7 +213,7 @@ def scan_folder_dataset(
         roots.append((Path(reg_data_dir), "reg_data_dir", True))
     result: list[Subset] = []
     for root, key, is_reg in roots:
-        subsets = _scan_root(root, key, is_reg)
+        subsets = scan_root(root, key, is_reg)
         for subset in subsets:
             _scan_subset(subset, caption_extension, enable_wildcard, class_tokens_fallback)
             if not subset.images:

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from loralab.data.buckets import BucketChoice
 from loralab.errors import LoralabError
 
-_READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,7 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             w, h = img.size
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise _broken(path, err) from err
     if w <= 0 or h <= 0:
         raise LoralabError(f"{path}: the image header says {w}x{h}; re-save the image or remove it")
@@ -68,7 +68,7 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise _broken(path, err) from err
 
 
