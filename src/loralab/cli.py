@@ -13,6 +13,8 @@ from typing import Any
 from loralab.errors import LoralabError
 
 log = logging.getLogger("loralab")
+# bitsandbytes warns at import about an optional CPU 4-bit kernel package that LoRA training never uses
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
