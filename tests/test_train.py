@@ -193,3 +193,15 @@ def test_training_options_run_and_save(tmp_path, tiny_sd1_checkpoint, opts):
         assert any("_resnets_" in k for k in sd)  # LoCon modules
         records = [json.loads(l) for l in result.log_file.read_text().splitlines()]
         assert any("max_norm/keys_scaled" in r for r in records if r["kind"] == "step")
+
+
+def test_sd2_v_parameterization_run_metadata(tmp_path, tiny_sd2_checkpoint):
+    img, _ = make_dataset(tmp_path, concepts=(("1_alpha", 2),), reg=False)
+    result = train(build_config(None, base_cfg(tiny_sd2_checkpoint, img, tmp_path / "out", max_train_steps=2,
+                                               v_parameterization="true")))
+    with safe_open(str(result.final_file), "pt") as f:
+        md = f.metadata()
+        keys = list(f.keys())
+    assert md["ss_v2"] == "True" and md["ss_base_model_version"] == "sd_v2_v"
+    assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and md["modelspec.prediction_type"] == "v"
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
