@@ -204,7 +204,9 @@ class LoRAModule(nn.Module):
         y = self._org_forward(x, *args, **kwargs)
         if module_dropout(self.module_dropout, self.training):
             return y
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if x.dtype != self.lora_down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)  # under autocast the Linear casts by itself: no extra kernel
+        lx = self.lora_down(x)
         lx = network_dropout(lx, self.dropout, self.training)
         lx, factor = rank_dropout(lx, self.rank_dropout, self.training, conv=self.is_conv)
         lx = self.lora_up(lx)
