@@ -74,6 +74,11 @@ class TrainConfig:
     cache_latents: bool = _f(False, "encode images once and keep latents in memory", group="dataset")
     cache_latents_to_disk: bool = _f(False, "cache latents in .npz files next to the images (reused by later runs)", group="dataset")
     vae_batch_size: int = _f(1, "batch size when caching latents", group="dataset")
+    cache_text_encoder_outputs: bool = _f(False, "encode each caption once (text encoders frozen: network_train_unet_only or "
+                                          "text_encoder_lr = 0; no shuffle_caption, tag dropout or wildcards; "
+                                          "caption dropout uses a cached empty caption)", group="dataset")
+    cache_text_encoder_outputs_to_disk: bool = _f(False, "also keep them in <stem>_te_outputs.npz next to the images "
+                                                  "(implies cache_text_encoder_outputs)", group="dataset")
     # --- network
     network_module: str = _f("networks.lora", "network type (networks.lora: LoRA / LoCon with conv_dim)", choices=("networks.lora",), group="network")
     network_dim: int = _f(4, "LoRA rank", group="network")
@@ -99,6 +104,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "batches per optimizer step", group="training")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, slower)", group="training")
     mixed_precision: str = _f("no", "autocast precision (fp16 uses loss scaling)", choices=("no", "fp16", "bf16"), group="training")
+    fp8_base: bool = _f(False, "store the frozen UNet's Linear/Conv weights in float8 (computed in bf16/fp16; needs "
+                        "mixed_precision bf16 or fp16): about half the UNet memory", group="training")
     save_precision: str = _f("fp16", "dtype of saved LoRA files", choices=("float", "fp32", "fp16", "bf16"), group="training")
     seed: int = _f(0, "random seed (everything derives from it)", group="training")
     max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)", group="training")
@@ -129,7 +136,8 @@ class TrainConfig:
     sample_every_n_epochs: int = _f(0, "sample images every N epochs", group="output")
     sample_every_n_steps: int = _f(0, "sample images every N steps", group="output")
     sample_at_first: bool = _f(False, "sample images before training", group="output")
-    sample_sampler: str = _f("ddim", "sampler for sample images", choices=SAMPLERS, group="output")
+    sample_sampler: str = _f("", "sampler for sample images (\"\" = ddim for SD 1.x/2.x, euler_a for SDXL)",
+                             choices=("",) + SAMPLERS, group="output")
     logging_dir: str = _f("", "TensorBoard log folder (a machine-readable train_log.jsonl is always written to output_dir)", group="output")
     log_prefix: str = _f("", "prefix of the TensorBoard run folder name", group="output")
     training_comment: str = _f("", "stored as ss_training_comment", group="output")
@@ -341,10 +349,34 @@ def validate(cfg: TrainConfig) -> None:
         raise LoralabError(f"clip_skip: must be 0 or more, got {cfg.clip_skip}")
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
         cfg.cache_latents = True  # kohya: to_disk implies cache_latents
+    if cfg.cache_text_encoder_outputs_to_disk and not cfg.cache_text_encoder_outputs:
+        cfg.cache_text_encoder_outputs = True  # kohya: to_disk implies cache_text_encoder_outputs
+    if cfg.cache_text_encoder_outputs:
+        _check_text_encoder_cache(cfg)
+    if cfg.fp8_base and cfg.mixed_precision == "no":
+        raise LoralabError('fp8_base: the float8 weights are computed in bf16 or fp16; set mixed_precision = "bf16" '
+                           '(or "fp16"), or fp8_base = false')
     if cfg.max_bucket_reso < cfg.min_bucket_reso:
         raise LoralabError("min_bucket_reso/max_bucket_reso: min must not exceed max")
     if cfg.save_every_n_epochs < 0 or cfg.save_every_n_steps < 0:
         raise LoralabError("save_every_n_epochs/save_every_n_steps: must be 0 or more")
+
+
+def _check_text_encoder_cache(cfg: TrainConfig) -> None:
+    """cache_text_encoder_outputs needs frozen text encoders and one caption per image (kohya's rule);
+    caption dropout is fine (the empty caption is cached too)."""
+    if not cfg.network_train_unet_only and cfg.text_encoder_lr != 0:
+        raise LoralabError(
+            "cache_text_encoder_outputs: the text encoders would be trained, so their outputs change every step; "
+            "set network_train_unet_only = true (or text_encoder_lr = 0), or cache_text_encoder_outputs = false")
+    varying = [name for name, on in (("shuffle_caption", cfg.shuffle_caption),
+                                     ("caption_tag_dropout_rate", cfg.caption_tag_dropout_rate > 0),
+                                     ("enable_wildcard", cfg.enable_wildcard)) if on]
+    if varying:
+        raise LoralabError(
+            f"cache_text_encoder_outputs: {', '.join(varying)} change{'s' if len(varying) == 1 else ''} the caption "
+            "every step, so one cached output per image would be wrong; turn "
+            f"{'it' if len(varying) == 1 else 'them'} off or set cache_text_encoder_outputs = false")
 
 
 def config_help() -> str:

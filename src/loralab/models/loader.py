@@ -32,6 +32,7 @@ from loralab.models.detect import (
     TextEncoderLayout,
     architecture_metadata,
     detect_architecture,
+    detect_family,
     detect_vae_config,
 )
 from loralab.models.tokenizer import clip_tokenizer, has_tokenizer, load_tokenizer
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CKPT_METADATA_KEY = "loralab_metadata"
-SUPPORTED_FAMILIES = ("sd1", "sd2")  # the one switch: SDXL joins when its issue lands
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")  # the one switch: a detected family not listed here is refused
 
 
 @dataclass
@@ -156,11 +157,11 @@ def _build_text_encoder(layout: TextEncoderLayout, config: dict, sd: Mapping[str
 
 
 def _require_supported(family: str, source: str) -> None:
-    """The one family gate: SDXL is detected but loads only once its issue lands."""
+    """The one family gate: a family that is detected but not (yet) trainable is refused here."""
     if family not in SUPPORTED_FAMILIES:
         raise LoralabError(
-            f"{source} is an {FAMILIES[family].label} model. SDXL loading arrives with issue 3; "
-            "for now use an SD 1.x or SD 2.x checkpoint."
+            f"{source} is an {FAMILIES[family].label} model, which loralab cannot load yet; "
+            f"use one of: {', '.join(FAMILIES[f].label for f in SUPPORTED_FAMILIES)}."
         )
 
 
@@ -218,12 +219,38 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype) -> tuple[str, UNet2D
         te = text_encoder_class(layout).from_pretrained(str(folder / f"text_encoder{suffix}"), dtype=dtype, local_files_only=True)
         tes.append(te.eval())
         tok_dir = folder / f"tokenizer{suffix}"
-        toks.append(load_tokenizer(tok_dir) if has_tokenizer(tok_dir) else clip_tokenizer(pad))
+        tok = load_tokenizer(tok_dir) if has_tokenizer(tok_dir) else clip_tokenizer(pad)
+        if pad == "!" and tok.pad_token_id != 0:
+            # OpenCLIP encoders pad with id 0 (formats.md §4); kohya forces it for SDXL's tokenizer_2 too
+            log.info("%s pads with id %s; using id 0 (\"!\"), as OpenCLIP and kohya do", tok_dir, tok.pad_token_id)
+            tok.pad_token = "!"
+        toks.append(tok)
     sched = folder / "scheduler" / "scheduler_config.json"
     prediction = json.loads(sched.read_text()).get("prediction_type") if sched.is_file() else None
     arch = Architecture(family, dict(unet.config), dict(vae.config), [te.config.to_dict() for te in tes])
     log.info("diffusers folder: %s (%s)", arch.describe(), folder.name)
     return family, unet, vae, tes, toks, prediction
+
+
+def peek_family(path: str | Path) -> str | None:
+    """The family of a base model without loading its weights (for checks made before the slow load):
+    key names of a .safetensors file or a .ckpt (memory-mapped), or the folder's model_index.json.
+    None when it cannot tell (missing or unreadable files: `load_base_model` reports those)."""
+    path = Path(path)
+    try:
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return _folder_family(path, json.loads((path / "model_index.json").read_text()))
+        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                return detect_family(f.keys(), str(path))
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+                obj = obj["state_dict"]
+            return detect_family(obj.keys(), str(path)) if isinstance(obj, dict) else None
+    except (LoralabError, OSError, RuntimeError, ValueError, pickle.UnpicklingError, safetensors.SafetensorError):
+        return None
+    return None
 
 
 def load_vae(path: str | Path, family: str, dtype: torch.dtype = torch.float32) -> AutoencoderKL:

@@ -1,10 +1,17 @@
-"""kohya's text encoding for SD 1.x / 2.x: max_token_length chunks and clip_skip.
+"""kohya's text encoding: max_token_length chunks and clip_skip (SD 1.x / 2.x), and SDXL's two encoders.
 
-Facts from kohya-ss sd-scripts `library/strategy_base.py` (`TokenizeStrategy._get_input_ids`) and
-`library/strategy_sd.py` (`SdTextEncodingStrategy.encode_tokens`); the code is ours.
+Facts from kohya-ss sd-scripts `library/strategy_base.py` (`TokenizeStrategy._get_input_ids`),
+`library/strategy_sd.py` (`SdTextEncodingStrategy.encode_tokens`) and `library/strategy_sdxl.py`
+(`SdxlTokenizeStrategy`, `SdxlTextEncodingStrategy`); the code is ours.
+
+The loop sees two family-independent steps: `encode_captions` gives the encoders' outputs as kohya caches
+them (what `data/text_encoder_cache.py` stores), and `unet_text_conditioning` turns those into the UNet's
+`encoder_hidden_states` and (SDXL) `added_cond_kwargs`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from transformers import CLIPTokenizer
@@ -94,6 +101,12 @@ def encode_text(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_ski
                 "use 1 or 2 (SD 1.x anime models use 2)."
             )
         states = final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
+    return join_chunks(states, b, n)
+
+
+def join_chunks(states: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """(B*n, 77, D) chunk states -> (B, n*75+2, D) (kohya): [first chunk's BOS state] + [positions 1..75
+    of every chunk] + [last chunk's position 76]; n = 1 is just a reshape to (B, 77, D)."""
     states = states.reshape(b, n * CHUNK, states.shape[-1])
     if n == 1:
         return states
@@ -101,3 +114,69 @@ def encode_text(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_ski
     parts += [states[:, i : i + CHUNK_BODY] for i in range(1, n * CHUNK, CHUNK)]
     parts.append(states[:, -1:])
     return torch.cat(parts, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- SDXL
+
+
+def pooled_at_first_eos(text_encoder: torch.nn.Module, last_hidden_state: torch.Tensor, input_ids: torch.Tensor,
+                        eos_token_id: int) -> torch.Tensor:
+    """SDXL's pooled text embedding (kohya `SdxlTextEncodingStrategy._pool_workaround`): the final-layer-normed
+    state at the *first* EOS of each row, through the encoder's `text_projection`. A row without EOS pools
+    position 0 (kohya). The same as transformers' `text_embeds` whenever EOS is the row's largest id."""
+    index = (input_ids == eos_token_id).int().argmax(dim=1).to(last_hidden_state.device)
+    pooled = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device), index]
+    projection = text_encoder.text_projection
+    return projection(pooled.to(projection.weight.dtype)).to(last_hidden_state.dtype)
+
+
+def encode_text_sdxl(text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor],
+                     eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDXL's text outputs (kohya `SdxlTextEncodingStrategy._get_hidden_states_sdxl`, matched exactly):
+    (hidden_state1, hidden_state2, pool2), the names kohya's `_te_outputs.npz` uses.
+
+    - hidden_state1: TE1 (CLIP-L) `hidden_states[-2]`, the penultimate layer, *without* the final layer
+      norm (kohya takes `hidden_states[11]` of the 12-layer CLIP-L, the same entry); (B, T, 768).
+    - hidden_state2: TE2 (OpenCLIP bigG) `hidden_states[-2]`, also without the final layer norm; (B, T, 1280).
+    - pool2: TE2's pooled embedding (`pooled_at_first_eos` of its last, normed, state); (B, 1280). With
+      max_token_length chunks, the first chunk's pool (kohya `pool2[::n]`).
+    Each 77-id chunk is encoded on its own and the states are joined as in `join_chunks` (T = n*75+2).
+    `clip_skip` does not apply to SDXL (kohya warns and ignores it). The UNet gets cat(hidden1, hidden2)
+    (2048 wide) as `encoder_hidden_states` and pool2 as `text_embeds` (`unet_text_conditioning`)."""
+    ids1, ids2 = input_ids
+    te1, te2 = text_encoders
+    b, length = ids1.shape
+    n = length // CHUNK
+    out1 = te1(ids1.reshape(b * n, CHUNK).to(next(te1.parameters()).device), output_hidden_states=True, return_dict=True)
+    flat2 = ids2.reshape(b * n, CHUNK).to(next(te2.parameters()).device)
+    out2 = te2(flat2, output_hidden_states=True, return_dict=True)
+    hidden1 = join_chunks(out1.hidden_states[-2], b, n)
+    hidden2 = join_chunks(out2.hidden_states[-2], b, n)
+    pool2 = pooled_at_first_eos(te2, out2.last_hidden_state, flat2, eos_token_id)[::n]
+    return hidden1, hidden2, pool2
+
+
+# ---------------------------------------------------------------------------------------------- any family
+
+
+def encode_captions(family: str, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence[CLIPTokenizer],
+                    captions: list[str], *, max_token_length: int | None = None,
+                    clip_skip: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The text encoders' outputs for captions, as kohya caches them: `(hidden_state,)` for SD 1.x / 2.x
+    (`encode_text` with clip_skip), `(hidden_state1, hidden_state2, pool2)` for SDXL (`encode_text_sdxl`;
+    the bigG tokenizer pads with id 0: formats.md §4, kohya `SdxlTokenizeStrategy`)."""
+    if family == "sdxl":
+        ids = [tokenize(tok, captions, max_token_length) for tok in tokenizers]
+        return encode_text_sdxl(text_encoders, ids, tokenizers[1].eos_token_id)
+    ids = tokenize(tokenizers[0], captions, max_token_length)
+    return (encode_text(text_encoders[0], ids, clip_skip),)
+
+
+def unet_text_conditioning(family: str, outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(encoder_hidden_states, added_cond_kwargs) for the UNet from `encode_captions` outputs. SDXL (kohya
+    `SdxlNetworkTrainer.call_unet`): cat(hidden1, hidden2) on the feature axis, and `text_embeds` = pool2
+    (the caller adds the per-image `time_ids`, `models/sdxl.py`). SD 1.x / 2.x: the hidden state and {}."""
+    if family == "sdxl":
+        hidden1, hidden2, pool2 = outputs
+        return torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=2), {"text_embeds": pool2}
+    return outputs[0], {}

@@ -5,6 +5,11 @@ dropouts, VAE sampling) comes from generators seeded by (seed, global step, micr
 the epoch's batch order from (seed, epoch). So a run resumed from a state folder continues exactly as the
 straight run would have, and two runs with the same config give the same weights.
 
+Model families: SD 1.x / 2.x and SDXL go through the same steps. SDXL differs only where the model does:
+two text encoders (both trained with text_encoder_lr, as kohya), their joined hidden states plus a pooled
+embedding (`models/text.py`), and each image's size/crop micro-conditioning (`models/sdxl.py`), handed to
+the UNet as `added_cond_kwargs`.
+
 Multi-GPU: under `accelerate launch`, each process takes every N-th batch of the epoch (padded by
 wrapping around so all processes take the same number of steps) and the LoRA gradients are averaged
 with one all-reduce per optimizer step.
@@ -12,6 +17,7 @@ with one all-reduce per optimizer step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainHooks:
     """Extension points for variants (validation, sliders, pivotal tuning) without copying the loop."""
+    on_train_start: Callable[["TrainContext"], None] | None = None  # models ready, just before the first step
     on_step_end: Callable[["TrainContext"], None] | None = None
     on_epoch_end: Callable[["TrainContext"], None] | None = None
 
@@ -76,8 +83,11 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     from loralab.data.dataset import FolderDataset, dataset_dirs, scan_folder_dataset, tag_frequency
     from loralab.data.images import prepare_image
     from loralab.data.latents import cache_latents
-    from loralab.models.loader import load_base_model
-    from loralab.models.text import encode_text, tokenize
+    from loralab.data.text_encoder_cache import cache_text_encoder_outputs, encoders_id, output_names
+    from loralab.models.fp8 import check_fp8_supported, store_fp8
+    from loralab.models.loader import load_base_model, peek_family
+    from loralab.models.sdxl import batch_time_ids
+    from loralab.models.text import encode_captions, unet_text_conditioning
     from loralab.network.lora import LoRANetwork, NetworkConfig
     from loralab.train import noise as N
     from loralab.train.logs import TrainLog
@@ -99,12 +109,14 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------ 1. data (before any model loads)
+    family_hint = peek_family(cfg.pretrained_model_name_or_path)  # from the key names, for the bucket-step check
     subsets = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None, caption_extension=cfg.caption_extension,
                                   enable_wildcard=cfg.enable_wildcard)
     dataset = FolderDataset(
         subsets, resolution=cfg.resolution_wh(), enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
         max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
-        bucket_no_upscale=cfg.bucket_no_upscale, batch_size=cfg.train_batch_size)
+        bucket_no_upscale=cfg.bucket_no_upscale, batch_size=cfg.train_batch_size,
+        required_reso_steps=32 if family_hint == "sdxl" else 64)
     caption_opts = CaptionOptions(
         shuffle_caption=cfg.shuffle_caption, caption_separator=cfg.caption_separator, keep_tokens=cfg.keep_tokens,
         keep_tokens_separator=cfg.keep_tokens_separator, secondary_separator=cfg.secondary_separator or None,
@@ -132,13 +144,14 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     # ------------------------------------------------------------------ 2. model and network
     model = load_base_model(cfg.pretrained_model_name_or_path, vae=cfg.vae or None,
                             v_parameterization=cfg.v_parameterization or None)
-    if model.family == "sdxl":
-        raise LoralabError("SDXL training is not available yet (it is planned); use an SD 1.x / 2.x checkpoint")
+    sdxl = model.family == "sdxl"
+    if sdxl and cfg.clip_skip > 1:
+        log.warning("clip_skip = %d is ignored for SDXL (it always uses the penultimate layers, as kohya)", cfg.clip_skip)
     scheduler_noise = model.noise_scheduler()
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     unet, vae = model.unet, model.vae
-    text_encoder, tokenizer = model.text_encoders[0], model.tokenizers[0]
-    for m in (unet, vae, text_encoder):
+    text_encoders, tokenizers = model.text_encoders, model.tokenizers  # SDXL: [CLIP-L, bigG]
+    for m in (unet, vae, *text_encoders):
         m.requires_grad_(False)
         m.eval()
     _to(vae, device, torch.float32)  # the VAE stays fp32 (fp16 VAEs overflow: kohya's no_half_vae)
@@ -146,27 +159,32 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     opts = cfg.network_options()
     train_unet = not cfg.network_train_text_encoder_only
     train_te = not cfg.network_train_unet_only and cfg.text_encoder_lr != 0
+    _to(unet, device, weight_dtype)
+    if cfg.fp8_base:  # before the LoRA hooks wrap the layers' forward
+        check_fp8_supported(device, weight_dtype)
+        store_fp8(unet, compute_dtype=weight_dtype)
+    for te in text_encoders:
+        _to(te, device, weight_dtype if not train_te else torch.float32)
     net_cfg = NetworkConfig(dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=opts["conv_dim"] or None,
                             conv_alpha=opts["conv_alpha"], dropout=cfg.network_dropout or None,
                             rank_dropout=opts["rank_dropout"] or None, module_dropout=opts["module_dropout"] or None,
                             train_unet=train_unet, train_text_encoder=not cfg.network_train_unet_only)
     if cfg.network_weights:
-        network = LoRANetwork.from_weights(cfg.network_weights, unet, [text_encoder], model.family, cfg=net_cfg)
+        network = LoRANetwork.from_weights(cfg.network_weights, unet, text_encoders, model.family, cfg=net_cfg)
     else:
-        network = LoRANetwork.create(unet, [text_encoder], model.family, net_cfg)
+        network = LoRANetwork.create(unet, text_encoders, model.family, net_cfg)
     network.apply_to()
     network.to(device, dtype=torch.float32)
     if not train_te:
         log.warning("the text-encoder LoRA is not trained (%s)",
                     "network_train_unet_only" if cfg.network_train_unet_only else "text_encoder_lr = 0")
-    _to(unet, device, weight_dtype)
-    _to(text_encoder, device, weight_dtype if not train_te else torch.float32)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
-        if train_te and hasattr(text_encoder, "gradient_checkpointing_enable"):
-            text_encoder.gradient_checkpointing_enable()
-            text_encoder.train()
+        for te in text_encoders if train_te else []:
+            if hasattr(te, "gradient_checkpointing_enable"):
+                te.gradient_checkpointing_enable()
+                te.train()
 
     unet_lr = cfg.unet_lr if cfg.unet_lr >= 0 else None
     te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr >= 0 else None
@@ -183,7 +201,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                                     power=cfg.lr_scheduler_power, initial_lr=cfg.learning_rate)
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
 
-    # ------------------------------------------------------------------ 3. latents
+    # ------------------------------------------------------------------ 3. latents and text-encoder outputs
     def encode_images(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             dist = vae.encode(images.to(device, torch.float32)).latent_dist
@@ -193,7 +211,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     latent_cache = None
     if cfg.cache_latents:
         latent_cache = cache_latents(dataset.samples, encode_images, to_disk=cfg.cache_latents_to_disk,
-                                     flip_aug=cfg.flip_aug, vae_id=vae_id, batch_size=cfg.vae_batch_size, progress=main)
+                                     flip_aug=cfg.flip_aug, vae_id=vae_id, batch_size=cfg.vae_batch_size, progress=main,
+                                     npz_suffix="_sdxl.npz" if sdxl else "_sd.npz")
 
     def batch_latents(batch: list, flips: list[bool]) -> torch.Tensor:
         if latent_cache is not None:
@@ -201,9 +220,36 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         images = torch.stack([prepare_image(s.entry.path, s.choice, flip=f) for s, f in zip(batch, flips)])
         return encode_images(images)
 
-    def encode_prompts(texts: list[str]) -> torch.Tensor:
-        ids = tokenize(tokenizer, texts, cfg.max_token_length).to(device)
-        return encode_text(text_encoder, ids, cfg.clip_skip or None)
+    def encode_prompts(texts: list[str]) -> tuple[torch.Tensor, ...]:
+        """The text encoders' outputs: (hidden,) for SD 1.x/2.x, (hidden1, hidden2, pool2) for SDXL."""
+        return encode_captions(model.family, text_encoders, tokenizers, texts, max_token_length=cfg.max_token_length,
+                               clip_skip=cfg.clip_skip or None)
+
+    # text-encoder outputs, once per caption (config.validate allows this only for frozen encoders and
+    # captions that do not change per step; a dropped caption uses the cached "")
+    te_cache = None
+    if cfg.cache_text_encoder_outputs:
+        no_dropout = dataclasses.replace(caption_opts, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
+        items = [(s.entry.path, process_caption(s.entry.caption, no_dropout, epoch=1, rng=random.Random(0)))
+                 for s in dataset.samples]
+        dropout = cfg.caption_dropout_rate > 0 or cfg.caption_dropout_every_n_epochs > 0
+        te_id = encoders_id(model_source=cfg.pretrained_model_name_or_path, model_hash=model.model_hash,
+                            network_weights=cfg.network_weights or None, max_token_length=cfg.max_token_length,
+                            dtype=weight_dtype, clip_skip=None if sdxl else cfg.clip_skip or None)
+        with autocast_for(device, weight_dtype):
+            te_cache = cache_text_encoder_outputs(items, encode_prompts, names=output_names(model.family),
+                                                  to_disk=cfg.cache_text_encoder_outputs_to_disk, encoders=te_id,
+                                                  extra_captions=[""] if dropout else [],
+                                                  batch_size=cfg.train_batch_size, progress=main)
+        if device.type != "cpu" and not network.text_encoder_loras:  # needed again only for sample prompts
+            for te in text_encoders:
+                te.to("cpu", dtype=torch.float32)
+
+    def text_conditioning(captions: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The UNet's encoder_hidden_states and added_cond_kwargs (SDXL: text_embeds) for captions."""
+        outputs = te_cache.get(captions, device) if te_cache is not None else encode_prompts(captions)
+        hidden, added = unet_text_conditioning(model.family, outputs)
+        return hidden.to(device), {k: v.to(device) for k, v in added.items()}
 
     # ------------------------------------------------------------------ 4. resume
     epoch0, global_step, skip_batches = 0, 0, 0
@@ -247,23 +293,29 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                                                              max_train_steps=max_steps,
                                                              log_state=train_log.state_dict()))
 
+    def sample_conditioning(texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden, added = unet_text_conditioning(model.family, encode_prompts(texts))
+        return hidden.to(weight_dtype), added
+
     def sample(stem: str) -> None:
         if not (main and prompts):
             return
         files = generate_samples(unet=unet, vae=vae, vae_scaling_factor=model.vae_scaling_factor,
-                                 encode_prompt=lambda texts: encode_prompts(texts).to(weight_dtype),
+                                 encode_prompt=sample_conditioning,
                                  scheduler_config=dict(scheduler_noise.config), prompts=prompts,
                                  out_dir=out_dir / "sample", file_stem=stem, device=device, dtype=weight_dtype,
                                  default_seed=cfg.seed, v_parameterization=model.v_parameterization,
-                                 sampler=cfg.sample_sampler, eval_modules=[network])
+                                 sampler=cfg.sample_sampler or ("euler_a" if sdxl else "ddim"), eval_modules=[network])
         samples.extend(files)
 
     if cfg.sample_at_first and not cfg.resume:
         sample(f"{cfg.output_name}_e{0:06d}")
 
     # ------------------------------------------------------------------ 6. the loop
+    if hooks.on_train_start:
+        hooks.on_train_start(ctx)
     network.train()
-    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else nullcontext()
+    autocast = autocast_for(device, weight_dtype)
     last_good = None
     progress = _progress(total=max_steps, initial=global_step, enabled=main)
     loss_value = float("nan")
@@ -286,7 +338,10 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             latents = batch_latents(batch, flips)
             te_grad = train_te and (cfg.stop_text_encoder_training == 0 or ctx.global_step < cfg.stop_text_encoder_training)
             with torch.set_grad_enabled(te_grad), autocast:
-                cond = encode_prompts(captions)
+                cond, added = text_conditioning(captions)
+            if sdxl:  # each image's original size, crop and target size (kohya's micro-conditioning)
+                added["time_ids"] = batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch],
+                                                   flips, device)
             noise, noisy, timesteps = N.make_noisy_latents(
                 latents, scheduler_noise, noise_offset=cfg.noise_offset,
                 noise_offset_random_strength=cfg.noise_offset_random_strength,
@@ -295,7 +350,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                 multires_noise_discount=cfg.multires_noise_discount, min_timestep=cfg.min_timestep,
                 max_timestep=cfg.max_timestep, generator=gen)
             with autocast:
-                pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+                pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype),
+                            added_cond_kwargs=added or None).sample
             target = N.training_target(scheduler_noise, latents, noise, timesteps, model.v_parameterization)
             weights = N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight).to(device)
             loss = N.loss_per_sample(pred.float(), target.float(), loss_weights=weights, timesteps=timesteps,
@@ -376,6 +432,11 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     return TrainResult(final_file=final if main else None, saved_files=saved, sample_files=samples,
                        global_step=ctx.global_step, epochs=ctx.epoch + 1, log_file=train_log.jsonl_path,
                        last_loss=loss_value)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """torch.autocast for mixed precision (fp16/bf16); a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -41,6 +41,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from loralab.errors import LoralabError
 from loralab.io import atomic_write
+from loralab.models.sdxl import sample_time_ids
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +386,8 @@ def generate_samples(
     """Generate one image per prompt and save `<out_dir>/<file_stem>_<i:02d>_<YYYYmmddHHMMSS>[_<seed>].png`.
 
     - `encode_prompt(texts)` returns the UNet's `encoder_hidden_states` for a list of texts, shape
-      (len(texts), tokens, dim); for SDXL it may return `(hidden, added_cond_kwargs)`.
+      (len(texts), tokens, dim); for SDXL it returns `(hidden, added_cond_kwargs)` with `text_embeds`;
+      `time_ids` are added here when missing, as kohya's SDXL sampler: original = target = (h, w), crop (0, 0).
     - `vae_scaling_factor`: 0.18215 (SD 1/2), 0.13025 (SDXL); latents are divided by it before decoding.
     - Seed of prompt i: its `--d`, else `default_seed + i`, else random (then not in the file name).
     - Sampler: the prompt's `--ss`, else `sampler` (kohya `--sample_sampler`, default ddim).
@@ -426,6 +428,8 @@ def generate_samples(
                 )
                 texts = [prompt.negative_prompt, prompt.prompt] if prompt.scale > 1.0 else [prompt.prompt]
                 cond, added = _encode(encode_prompt, texts)
+                if getattr(unet.config, "addition_embed_type", None) == "text_time" and "time_ids" not in added:
+                    added["time_ids"] = sample_time_ids(prompt.width, prompt.height, len(texts))  # SDXL
                 latents = _denoise(
                     unet=unet,
                     sampler=scheduler,
