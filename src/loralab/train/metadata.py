@@ -82,6 +82,8 @@ def build_metadata(cfg: Any, run: RunInfo, *, epoch: int, step: int, final: bool
             "ss_network_dropout": cfg.network_dropout or None,
             "ss_mixed_precision": cfg.mixed_precision,
             "ss_full_fp16": False,
+            "ss_fp8_base": cfg.fp8_base,
+            "ss_fp8_base_unet": cfg.fp8_base,
             "ss_seed": cfg.seed,
             "ss_lowram": False,
             "ss_noise_offset": cfg.noise_offset or None,
