@@ -281,6 +281,16 @@ command line (command line > TOML > default). Unknown keys and bad values are re
 keys (default, meaning):"""
 
 
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from loralab.lab.demo import run_demo
+
+    report = run_demo(Path(args.out), device=args.device, quick=args.quick)
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA trainer and troubleshooting lab for Stable Diffusion")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -289,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML config with kohya argument names")
     t.add_argument("-h", "--help", action="store_true")
     t.set_defaults(func=cmd_train)
+    d = sub.add_parser("demo", help="teach the lab model a new shape: dataset, reg images, training, grids, report")
+    d.add_argument("--out", default="loralab_demo", help="output folder (default: loralab_demo)")
+    d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    d.add_argument("--quick", action="store_true", help="a much smaller run (about a minute)")
+    d.set_defaults(func=cmd_demo)
     _add_analysis_parsers(sub)
     return p
 

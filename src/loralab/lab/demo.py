@@ -1,0 +1,603 @@
+"""`loralab demo`: the whole LoRA workflow on the shipped lab model, end to end, in minutes on a CPU.
+
+    run_demo(Path("loralab_demo"), device="cpu")      # what `loralab demo` runs; returns report.md
+
+The recipe, top to bottom (`run_demo`):
+
+1. dataset: 15 images of ``ring`` (the shape the lab model never saw) in kohya layout,
+   ``dataset/10_olis/NNNN.png`` + ``.txt``, captions with the activation tag first
+   (``"olis, red, blue background, small"``), colours, backgrounds and sizes spread evenly, the three
+   aspect ratios (32×32, 48×32, 32×48).
+2. regularization images for the class, as the guide recommends: the same base model, the same image
+   sizes, DDIM, fixed seeds, the class prompt without the activation tag, written to
+   ``reg/1_shape/NNNN.png`` + ``.txt``. The class prompt: a ring is "a shape", and what the model knows
+   of shapes is its six trained shapes, so the reg prompts are base captions of the six shapes
+   (``"red circle, blue background, small"``) over the (shape, colour, background) triples the base was
+   trained on. The held-out triples, on which prior preservation is measured, are never among them.
+3. training through `loralab.train.loop.train` (the code path of a real checkpoint), saving every epoch:
+   once with the reg images (the recommended recipe, `DemoRecipe`) and once without them.
+4. evaluation of every saved epoch (each LoRA file loaded back with `LoRANetwork.from_weights`), with the
+   lab evaluator (`loralab.lab.evaluator`), DDIM + CFG on fixed seeds:
+   * concept rate: the share of prompts *with* the activation tag (colour/background pairs the dataset
+     does not have) whose sample the evaluator reads as a ring; and how many follow the prompt's colour;
+   * prior preservation: held-out base prompts *without* the tag, scored for shape, colour and
+     background with the LoRA loaded, divided by the base model's own accuracy on the same prompts and
+     seeds. Retention = the smallest of the three ratios.
+5. files: ``grid_reg.png`` / ``grid_noreg.png`` (rows = epochs, row 0 = base model; columns = prompts),
+   ``loss_reg.png`` / ``loss_noreg.png``, ``report.md`` and ``results.json``.
+
+Recommended epoch (`recommend_epoch`): the earliest epoch whose concept rate >= 80 % and whose
+retention >= 90 %; when no epoch meets both, the epoch with the best trade-off, i.e. the largest
+min(concept / 80 %, retention / 90 %) (the epoch closest to meeting both bars; ties: the earlier).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from loralab.lab import world as W
+
+log = logging.getLogger(__name__)
+
+TAG = "olis"
+CLASS_NAME = "shape"
+CONCEPT_BAR = 0.80
+RETENTION_BAR = 0.90
+RETENTION_KEYS = ("shape", "colour", "background")
+
+
+# --------------------------------------------------------------------------------------------- recipe
+@dataclass(frozen=True)
+class DemoRecipe:
+    """The dataset and training settings of the demo (kohya config keys where they are ones)."""
+
+    n_images: int = 15
+    repeats: int = 10
+    n_reg: int = 150
+    max_train_epochs: int = 8
+    train_batch_size: int = 4
+    network_dim: int = 8
+    network_alpha: float = 8.0
+    unet_lr: float = 3e-4
+    text_encoder_lr: float = 0.0  # 0 = UNet only
+    min_snr_gamma: float = 5.0
+    prior_loss_weight: float = 1.0
+    lr_scheduler: str = "constant"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # further kohya keys, for experiments
+
+
+@dataclass(frozen=True)
+class DemoEval:
+    """How each epoch is scored."""
+
+    n_tag_prompts: int = 24
+    n_base_prompts: int = 52
+    ddim_steps: int = 20
+    cfg: float = 7.5
+    seed: int = 0
+    grid_tag_columns: int = 6
+    grid_base_columns: int = 4
+
+
+QUICK_RECIPE = DemoRecipe(n_images=10, repeats=4, n_reg=40, max_train_epochs=2)
+QUICK_EVAL = DemoEval(n_tag_prompts=8, n_base_prompts=8, ddim_steps=10, grid_tag_columns=4, grid_base_columns=2)
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def tag_prompts(n: int, dataset_pairs: set[tuple[str, str]], tag: str = TAG) -> list[W.WorldItem]:
+    """`n` prompts with the activation tag, on (colour, background) pairs the dataset does not have
+    (so a ring there is the concept, not a copy of a training image); sizes and image sizes alternate."""
+    pairs = [(c, b) for c in W.COLOURS for b in W.BACKGROUNDS if c != b and (c, b) not in dataset_pairs]
+    step = max(1, len(pairs) // max(1, n))
+    pick = (pairs[::step] + [p for i, p in enumerate(pairs) if i % step])[:n]
+    sizes = list(W.SIZES)
+    return [W.WorldItem(W.HELD_OUT_SHAPE, c, b, sizes[j % 2], *W.DEFAULT_IMAGE_SIZES[j % 3], seed=7919 * j)
+            for j, (c, b) in enumerate(pick)]
+
+
+def base_prompts(n: int) -> list[W.WorldItem]:
+    """`n` base prompts without the tag, on the held-out triples (never in the base model's training nor
+    in the reg images): all 26 × both sizes for n = 52, image sizes cycling."""
+    items = W.held_out_prompts()
+    if n < len(items):
+        step = len(items) / n
+        items = [items[int(i * step)] for i in range(n)]
+    return [replace(it, seed=104_729 * j) for j, it in enumerate(items)]
+
+
+def class_prompts(n: int, seed: int = 0) -> list[W.WorldItem]:
+    """The reg prompts: base captions of the six trained shapes on training triples (held-out triples
+    excluded), sizes and image sizes spread evenly, one fixed seed each."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 17)
+    triples = W.training_triples()
+    order = list(rng.permutation(len(triples)))
+    while len(order) < n:
+        order += list(rng.permutation(len(triples)))
+    sizes = list(W.SIZES)
+    return [W.WorldItem(*triples[order[j]], sizes[j % 2], *W.DEFAULT_IMAGE_SIZES[j % 3], seed=31 * j + 1)
+            for j in range(n)]
+
+
+def dataset_pairs(folder: Path) -> set[tuple[str, str]]:
+    """(colour, background) pairs of a dataset written by `write_kohya_dataset` (read from captions)."""
+    out = set()
+    for txt in folder.glob("*.txt"):
+        parts = [p.strip() for p in txt.read_text(encoding="utf-8").split(",")]
+        out.add((parts[1], parts[2].removesuffix(" background")))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class LabModel:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    te: torch.nn.Module
+    tok: object
+    scaling: float
+    device: torch.device
+
+    @classmethod
+    def load(cls, device: str | torch.device) -> "LabModel":
+        from loralab.lab.pack import lab_model_path
+        from loralab.models.loader import load_base_model
+
+        device = torch.device(device)
+        m = load_base_model(str(lab_model_path()))
+        for mod in (m.unet, m.vae, m.text_encoders[0]):
+            mod.requires_grad_(False).eval().to(device)
+        return cls(m.unet, m.vae, m.text_encoders[0], m.tokenizers[0], m.vae_scaling_factor, device)
+
+    @torch.no_grad()
+    def generate(self, items: Sequence[W.WorldItem], prompts: Sequence[str], ev: DemoEval) -> list[torch.Tensor]:
+        from loralab.lab.train_base import generate
+
+        return generate(self.unet, self.vae, self.te, self.tok, self.scaling, items, ev.cfg, ev.ddim_steps,
+                        self.device, ev.seed, batch=256, prompts=prompts)
+
+
+def write_reg_images(root: Path, model: LabModel, items: Sequence[W.WorldItem], ev: DemoEval,
+                     class_name: str = CLASS_NAME) -> Path:
+    """Reg images from the base model itself (same model, same image sizes, DDIM, fixed seeds) in kohya
+    layout ``root/1_<class_name>/NNNN.png`` + ``.txt`` (the caption is the prompt)."""
+    from loralab.io import atomic_write
+
+    folder = root / f"1_{class_name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = [it.caption() for it in items]
+    images = model.generate(items, prompts, ev)
+    for i, (img, text) in enumerate(zip(images, prompts)):
+        pil = Image.fromarray(img.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+        atomic_write(folder / f"{i:04d}.png", lambda tmp, p=pil: p.save(tmp, format="png"))
+        atomic_write(folder / f"{i:04d}.txt", lambda tmp, t=text: Path(tmp).write_text(t + "\n", encoding="utf-8"))
+    return folder
+
+
+# --------------------------------------------------------------------------------------------- training
+def train_config(recipe: DemoRecipe, data_dir: Path, reg_dir: Path | None, out: Path, device: str):
+    """The kohya-style config of one demo run."""
+    from loralab.config import build_config
+    from loralab.lab.pack import lab_model_path
+
+    keys = {
+        "pretrained_model_name_or_path": str(lab_model_path()),
+        "train_data_dir": str(data_dir),
+        "reg_data_dir": str(reg_dir) if reg_dir else "",
+        "output_dir": str(out),
+        "output_name": "olis",
+        # 40 px of area: buckets 32×32, 48×32 and 32×48, exactly the lab's image sizes (no crop)
+        "resolution": "40",
+        "enable_bucket": True,
+        "min_bucket_reso": 32,
+        "max_bucket_reso": 64,
+        "bucket_reso_steps": 16,
+        "cache_latents": True,
+        "vae_batch_size": 32,
+        "network_dim": recipe.network_dim,
+        "network_alpha": recipe.network_alpha,
+        "learning_rate": recipe.unet_lr,
+        "unet_lr": recipe.unet_lr,
+        "text_encoder_lr": recipe.text_encoder_lr,
+        "network_train_unet_only": recipe.text_encoder_lr == 0,
+        "max_train_epochs": recipe.max_train_epochs,
+        "save_every_n_epochs": 1,
+        "train_batch_size": recipe.train_batch_size,
+        "min_snr_gamma": recipe.min_snr_gamma,
+        "prior_loss_weight": recipe.prior_loss_weight,
+        "lr_scheduler": recipe.lr_scheduler,
+        "optimizer_type": "AdamW",
+        "save_precision": "fp16",
+        "seed": recipe.seed,
+        "device": device,
+    }
+    keys.update(recipe.extra)
+    return build_config(None, keys)
+
+
+def epoch_files(out: Path, name: str, epochs: int) -> list[Path]:
+    """The LoRA file of each epoch: ``<name>-NNNNNN.safetensors``, the last one ``<name>.safetensors``."""
+    return [out / (f"{name}-{e:06d}.safetensors" if e < epochs else f"{name}.safetensors") for e in range(1, epochs + 1)]
+
+
+# --------------------------------------------------------------------------------------------- scoring
+@dataclass
+class EpochScore:
+    epoch: int
+    concept: float  # share of tag prompts read as the new shape
+    tag_colour: float  # share of tag prompts whose colour follows the prompt
+    base: dict  # accuracy per attribute on the base prompts (without tag)
+    retention: dict  # base[k] / base model's base[k]; "min" = the smallest over RETENTION_KEYS
+    base_as_concept: float  # share of base prompts that came out as the new shape (leak)
+    loss: float | None = None
+    steps: int | None = None
+
+
+def score_images(evaluator, tag_items, tag_imgs, base_items, base_imgs, reference: dict | None, epoch: int):
+    from loralab.lab.evaluator import accuracy
+
+    tp = evaluator.predict(tag_imgs)
+    bp = evaluator.predict(base_imgs)
+    concept = sum(p.get("shape") == W.HELD_OUT_SHAPE for p in tp) / len(tp)
+    tag_colour = sum(p.get("colour") == it.colour for p, it in zip(tp, tag_items)) / len(tp)
+    base = accuracy(bp, [{k: it.attributes[k] for k in RETENTION_KEYS + ("size",)} for it in base_items])
+    ref = reference or base
+    retention = {k: (base[k] / ref[k] if ref[k] > 0 else 1.0) for k in RETENTION_KEYS}
+    retention["min"] = min(retention[k] for k in RETENTION_KEYS)
+    leak = sum(p.get("shape") == W.HELD_OUT_SHAPE for p in bp) / len(bp)
+    return EpochScore(epoch, concept, tag_colour, base, retention, leak), tp, bp
+
+
+def recommend_epoch(scores: Sequence[EpochScore], concept_bar: float = CONCEPT_BAR,
+                    retention_bar: float = RETENTION_BAR) -> tuple[EpochScore, str]:
+    """The earliest epoch with concept rate >= `concept_bar` and retention >= `retention_bar`; else the
+    best trade-off: the largest min(concept / concept_bar, retention / retention_bar) (ties: earlier).
+    Returns the epoch's score and a sentence saying why."""
+    trained = [s for s in scores if s.epoch > 0]
+    for s in trained:
+        if s.concept >= concept_bar and s.retention["min"] >= retention_bar:
+            return s, (f"epoch {s.epoch} is the earliest epoch whose concept rate ({s.concept:.0%}) is at least "
+                       f"{concept_bar:.0%} and whose base-prompt retention ({s.retention['min']:.0%}) is at least "
+                       f"{retention_bar:.0%}")
+    best = max(trained, key=lambda s: (min(s.concept / concept_bar, s.retention["min"] / retention_bar), -s.epoch))
+    return best, (f"no epoch reaches both bars ({concept_bar:.0%} concept, {retention_bar:.0%} retention); epoch "
+                  f"{best.epoch} comes closest (concept {best.concept:.0%}, retention {best.retention['min']:.0%})")
+
+
+@dataclass
+class RunResult:
+    name: str  # "reg" / "noreg"
+    with_reg: bool
+    out: Path
+    scores: list[EpochScore]  # epoch 0 = the base model
+    images: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]  # epoch -> (tag images, base images)
+    preds: dict[int, tuple[list[dict], list[dict]]]
+    train_seconds: float
+    eval_seconds: float
+    steps_per_epoch: int
+    log_file: Path
+
+
+def evaluate_lora(model: LabModel, lora_file: Path | None, tag_items, base_items, ev: DemoEval):
+    """Tag and base images with `lora_file` applied (None: the base model), then the LoRA is removed."""
+    from loralab.network.lora import LoRANetwork
+
+    net = None
+    if lora_file is not None:
+        net = LoRANetwork.from_weights(str(lora_file), model.unet, [model.te], "sd1")
+        net.to(model.device, dtype=torch.float32)
+        net.eval()
+        net.apply_to()
+    try:
+        tag_imgs = model.generate(tag_items, [it.caption(tag=TAG) for it in tag_items], ev)
+        base_imgs = model.generate(base_items, [it.caption() for it in base_items], ev)
+    finally:
+        if net is not None:
+            net.restore()
+    return tag_imgs, base_imgs
+
+
+def train_and_score(name: str, recipe: DemoRecipe, ev: DemoEval, data_dir: Path, reg_dir: Path | None, out: Path,
+                    device: str, model: LabModel, evaluator, tag_items, base_items, base_result) -> RunResult:
+    """One training run through `train()`, then every saved epoch scored; `base_result` = the epoch-0
+    (base model) score, images and predictions, shared by both runs."""
+    from loralab.train.logs import read_train_log
+    from loralab.train.loop import train
+
+    cfg = train_config(recipe, data_dir, reg_dir, out, device)
+    t0 = time.perf_counter()
+    result = train(cfg)
+    train_s = time.perf_counter() - t0
+    records = read_train_log(result.log_file)
+    epoch_loss = {r["epoch"]: (r.get("loss/epoch_average"), r.get("step")) for r in records if r.get("kind") == "epoch"}
+    base_score, base_imgs, base_preds = base_result
+    scores, images, preds = [base_score], {0: base_imgs}, {0: base_preds}
+    t0 = time.perf_counter()
+    for e, f in enumerate(epoch_files(out, cfg.output_name, result.epochs), start=1):
+        tag_imgs, b_imgs = evaluate_lora(model, f, tag_items, base_items, ev)
+        s, tp, bp = score_images(evaluator, tag_items, tag_imgs, base_items, b_imgs, base_score.base, e)
+        s.loss, s.steps = epoch_loss.get(e, (None, None))
+        scores.append(s)
+        images[e], preds[e] = (tag_imgs, b_imgs), (tp, bp)
+        log.info("[%s] epoch %d: concept %.0f%%, tag colour %.0f%%, base shape/colour/bg %.0f/%.0f/%.0f%%, "
+                 "retention %.0f%%", name, e, 100 * s.concept, 100 * s.tag_colour, 100 * s.base["shape"],
+                 100 * s.base["colour"], 100 * s.base["background"], 100 * s.retention["min"])
+    eval_s = time.perf_counter() - t0
+    return RunResult(name, reg_dir is not None, out, scores, images, preds, train_s, eval_s,
+                     result.global_step // max(1, result.epochs), result.log_file)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def _to_pil(img: torch.Tensor, scale: int = 3) -> Image.Image:
+    arr = img.round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(arr)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+
+
+def write_grid(path: Path, run: RunResult, tag_items, base_items, ev: DemoEval) -> Path:
+    """Rows = epochs (row 0 = the base model), columns = the first tag prompts then the first base prompts;
+    each cell is labelled with its epoch and what the evaluator read (shape, colour)."""
+    from loralab.io import atomic_write
+    from loralab.train.sampling import image_grid
+
+    cols_t = min(ev.grid_tag_columns, len(tag_items))
+    cols_b = min(ev.grid_base_columns, len(base_items))
+    headers = [it.caption(tag=TAG) for it in tag_items[:cols_t]] + [it.caption() for it in base_items[:cols_b]]
+    cells, labels = [], []
+    for e in sorted(run.images):
+        tag_imgs, base_imgs = run.images[e]
+        tp, bp = run.preds[e]
+        row = [(tag_imgs[j], tp[j]) for j in range(cols_t)] + [(base_imgs[j], bp[j]) for j in range(cols_b)]
+        for img, p in row:
+            cells.append(_to_pil(img))
+            labels.append(f"{'base' if e == 0 else f'e{e}'}: {p.get('colour') or '-'} {p.get('shape') or 'nothing'}")
+    body = image_grid(cells, rows=len(run.images), cols=cols_t + cols_b, labels=labels)
+    head = image_grid([Image.new("RGB", (cells[0].width if cells else 144, 1), (255, 255, 255))] * len(headers),
+                      rows=1, cols=len(headers), labels=headers)
+    grid = Image.new("RGB", (body.width, head.height + body.height), (255, 255, 255))
+    grid.paste(head, (0, 0))
+    grid.paste(body, (0, head.height))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="png"))
+    return path
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
+
+
+def run_table(run: RunResult, recommended: int | None) -> str:
+    lines = ["| epoch | steps | loss (epoch avg) | concept: `olis` → ring | `olis` colour follows prompt | "
+             "base shape | base colour | base background | retention (min) | base prompts drawn as ring |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in run.scores:
+        ep = "base model" if s.epoch == 0 else (f"**{s.epoch}** ⭐" if s.epoch == recommended else str(s.epoch))
+        loss = "–" if s.loss is None else f"{s.loss:.4f}"
+        lines.append(f"| {ep} | {s.steps if s.steps is not None else 0} | {loss} | {_pct(s.concept)} | "
+                     f"{_pct(s.tag_colour)} | {_pct(s.base['shape'])} | {_pct(s.base['colour'])} | "
+                     f"{_pct(s.base['background'])} | {_pct(s.retention['min'])} | {_pct(s.base_as_concept)} |")
+    return "\n".join(lines)
+
+
+def _clear(folder: Path, patterns: Sequence[str]) -> None:
+    """Remove files the demo writes (from an earlier run), so a smaller rerun does not train on stale ones."""
+    if folder.is_dir():
+        for pattern in patterns:
+            for f in folder.glob(pattern):
+                if f.is_file():
+                    f.unlink()
+
+
+def choose_threads(threads: int | None, device: str) -> int | None:
+    """Torch CPU threads for the demo. None = automatic: on a CPU whose load average is already above one
+    (other programs running), 1 thread; else torch's default. Why: this model's kernels are tiny, and when
+    the cores are busy, torch's worker threads wait on each other and every step gets 10-20× slower
+    (measured on 2 shared cores: 26 samples in 5.7 s with 1 thread, 102 s with 2), while on idle cores
+    2 threads are only ~1.6× faster than 1."""
+    import os
+
+    if threads is not None or torch.device(device).type != "cpu":
+        return threads
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    return 1 if load > 1.0 else None
+
+
+def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads: int | None = None,
+             recipe: DemoRecipe | None = None, ev: DemoEval | None = None) -> Path:
+    """Run the whole demo into `out_dir` and return the path of its ``report.md`` (see the module docstring).
+
+    quick: a much smaller version (10 images, 2 epochs, 8 + 8 evaluation prompts) for tests.
+    threads: torch CPU threads (None: `choose_threads`). `recipe` / `ev` override the settings.
+
+    The recommended epoch: the earliest epoch whose concept rate (tag prompts drawn as the new shape) is
+    at least 80 % and whose retention (base prompts' shape/colour/background accuracy with the LoRA, over
+    the base model's, the smallest of the three) is at least 90 %; if none, the epoch with the largest
+    min(concept / 80 %, retention / 90 %).
+    """
+    from loralab.lab.evaluator import Evaluator
+    from loralab.lab.pack import evaluator_path
+    from loralab.train.logs import plot_loss, read_train_log
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = recipe or (QUICK_RECIPE if quick else DemoRecipe())
+    ev = ev or (QUICK_EVAL if quick else DemoEval())
+    old_threads = torch.get_num_threads()
+    n_threads = choose_threads(threads, device)
+    if n_threads:
+        torch.set_num_threads(n_threads)
+    log.info("demo: %s, torch threads %d", out_dir, torch.get_num_threads())
+    try:
+        timings: dict[str, float] = {}
+        # 1. dataset
+        t = time.perf_counter()
+        data_dir = out_dir / "dataset"
+        for stale in data_dir.glob(f"*_{TAG}"):
+            _clear(stale, ("*.png", "*.txt"))
+            if stale.is_dir() and not any(stale.iterdir()):
+                stale.rmdir()
+        folder = W.write_kohya_dataset(data_dir, shape=W.HELD_OUT_SHAPE, tag=TAG, n=recipe.n_images,
+                                       repeats=recipe.repeats, seed=recipe.seed)
+        model = LabModel.load(device)
+        evaluator = Evaluator.load(evaluator_path(), device=device)
+        tag_items = tag_prompts(ev.n_tag_prompts, dataset_pairs(folder))
+        base_items = base_prompts(ev.n_base_prompts)
+        timings["dataset and model load"] = time.perf_counter() - t
+
+        # 2. reg images from the base model
+        t = time.perf_counter()
+        reg_dir = out_dir / "reg"
+        _clear(reg_dir / f"1_{CLASS_NAME}", ("*.png", "*.txt"))
+        write_reg_images(reg_dir, model, class_prompts(recipe.n_reg, recipe.seed), ev)
+        timings["reg images"] = time.perf_counter() - t
+
+        # the base model's own scores (epoch 0 of both runs)
+        t = time.perf_counter()
+        ti, bi = evaluate_lora(model, None, tag_items, base_items, ev)
+        base_score, tp, bp = score_images(evaluator, tag_items, ti, base_items, bi, None, 0)
+        base_result = (base_score, (ti, bi), (tp, bp))
+        timings["base model scores"] = time.perf_counter() - t
+
+        # 3.-4. train and score, with and without reg images
+        runs: list[RunResult] = []
+        for name, reg in (("reg", reg_dir), ("noreg", None)):
+            run_out = out_dir / f"train_{name}"
+            _clear(run_out, ("train_log.jsonl", f"{TAG}*.safetensors"))
+            runs.append(train_and_score(name, recipe, ev, data_dir, reg, run_out, device, model, evaluator,
+                                        tag_items, base_items, base_result))
+            timings[f"train ({name})"] = runs[-1].train_seconds
+            timings[f"score epochs ({name})"] = runs[-1].eval_seconds
+
+        # 5. files
+        t = time.perf_counter()
+        picks = {r.name: recommend_epoch(r.scores) for r in runs}
+        files: dict[str, str] = {}
+        for r in runs:
+            files[f"grid_{r.name}"] = write_grid(out_dir / f"grid_{r.name}.png", r, tag_items, base_items, ev).name
+            title = f"training loss, {'with' if r.with_reg else 'without'} reg images"
+            files[f"loss_{r.name}"] = plot_loss(read_train_log(r.log_file), out_dir / f"loss_{r.name}.png",
+                                                title=title).name
+        timings["grids and plots"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        report = write_report(out_dir, runs, picks, recipe, ev, timings, files, quick=quick,
+                              threads=torch.get_num_threads(), device=device, tag_items=tag_items,
+                              base_items=base_items)
+        log.info("demo done in %.0f s: %s", timings["total"], report)
+        return report
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _lora_file(run: RunResult, epoch: int) -> Path:
+    return epoch_files(run.out, TAG, len(run.scores) - 1)[epoch - 1]
+
+
+def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: DemoRecipe, ev: DemoEval,
+                 timings: dict[str, float], files: dict[str, str], *, quick: bool, threads: int, device: str,
+                 tag_items, base_items) -> Path:
+    """``report.md`` (for people) and ``results.json`` (for programs)."""
+    from loralab.io import atomic_write
+
+    reg, noreg = runs[0], runs[1]
+    best, why = picks[reg.name]
+    best_n, why_n = picks[noreg.name]
+    base = reg.scores[0]
+    met = best.concept >= CONCEPT_BAR and best.retention["min"] >= RETENTION_BAR
+    met_n = best_n.concept >= CONCEPT_BAR and best_n.retention["min"] >= RETENTION_BAR
+    rel = lambda p: Path(p).relative_to(out_dir).as_posix()  # noqa: E731
+    L: list[str] = []
+    L += [f"# loralab demo: teaching the lab model a new shape{' (quick)' if quick else ''}", ""]
+    L += [f"The lab model never saw a **ring**. From {recipe.n_images} ring images tagged `{TAG}`, a LoRA learned "
+          f"to draw rings when a prompt starts with `{TAG}`, while prompts without the tag kept drawing what "
+          f"they drew before. Everything below ran in {timings['total'] / 60:.1f} min on {device} "
+          f"({threads} torch thread{'s' if threads != 1 else ''}).", ""]
+    L += ["## Recommended epoch", ""]
+    L += [f"**Epoch {best.epoch} of the run with regularization images**: `{rel(_lora_file(reg, best.epoch))}`. "
+          f"Why: {why}.", ""]
+    L += [f"* concept: {_pct(best.concept)} of the {len(tag_items)} prompts with `{TAG}` come out as a ring "
+          f"(base model: {_pct(base.concept)}); {_pct(best.tag_colour)} of them in the prompt's colour.",
+          f"* prior preservation: on {len(base_items)} held-out prompts without the tag, shape "
+          f"{_pct(best.base['shape'])} (base model {_pct(base.base['shape'])}), colour {_pct(best.base['colour'])} "
+          f"({_pct(base.base['colour'])}), background {_pct(best.base['background'])} "
+          f"({_pct(base.base['background'])}): retention {_pct(best.retention['min'])} of the base model's accuracy "
+          f"(the smallest of the three ratios); {_pct(best.base_as_concept)} of them drawn as a ring.",
+          f"* bars: concept ≥ {CONCEPT_BAR:.0%} and retention ≥ {RETENTION_BAR:.0%}: "
+          f"**{'met' if met else 'not met'}**.", ""]
+    L += [f"What the reg images buy: without them, the pick would be epoch {best_n.epoch} "
+          f"(concept {_pct(best_n.concept)}, retention {_pct(best_n.retention['min'])}, bars "
+          f"{'met' if met_n else 'not met'}: {why_n}). Without reg images the LoRA also changes the shapes of "
+          f"prompts that never mention `{TAG}`; the reg images (the base model's own drawings of its shapes) "
+          "keep them in place. The price: each epoch has twice the steps (reg samples are balanced to the "
+          f"training samples), {reg.train_seconds:.0f} s of training instead of {noreg.train_seconds:.0f} s.", ""]
+    L += ["Rule: the earliest epoch whose concept rate is at least 80 % and whose base-prompt retention is at "
+          "least 90 %; if no epoch meets both, the epoch with the largest min(concept / 80 %, retention / 90 %), "
+          "i.e. the one closest to meeting both bars.", ""]
+    L += [f"![samples per epoch, with reg images]({files['grid_reg']})", "",
+          f"Rows: the base model, then each epoch; columns: {min(ev.grid_tag_columns, len(tag_items))} prompts with "
+          f"`{TAG}`, then {min(ev.grid_base_columns, len(base_items))} base prompts; under each sample, what the "
+          f"evaluator read. Without reg images: [{files['grid_noreg']}]({files['grid_noreg']}).", ""]
+    for r in runs:
+        L += [f"## Per epoch, {'with' if r.with_reg else 'without'} regularization images", ""]
+        L += [run_table(r, (best if r is reg else best_n).epoch), ""]
+        L += [f"![loss]({files[f'loss_{r.name}']})", ""]
+    L += ["## How it was done", ""]
+    L += [f"1. Dataset `dataset/{recipe.repeats}_{TAG}/`: {recipe.n_images} rings, colours, backgrounds and sizes "
+          f"spread evenly, image sizes 32×32, 48×32 and 32×48, captions such as "
+          f"`{TAG}, red, blue background, small` (activation tag first; the shape word never appears), "
+          f"{recipe.repeats} repeats.",
+          f"2. Regularization images `reg/1_{CLASS_NAME}/`: {recipe.n_reg} images drawn by the base model itself "
+          f"(same model, same image sizes, DDIM {ev.ddim_steps} steps, CFG {ev.cfg}, fixed seeds). The class of a "
+          "ring is \"a shape\", and what this model knows of shapes is its six trained ones, so the class prompts "
+          "are its own captions of those shapes (`red circle, blue background, small`, ...) over the "
+          "combinations it was trained on, with their prompts as captions. The held-out combinations used "
+          "below to measure prior preservation are never among them. (Tried as well: class prompts without "
+          "the tag and without a shape word, `red, blue background, small`: they protected the base prompts "
+          "less than no reg images at all.)",
+          f"3. Training through `loralab train`'s code path (`loralab.train.loop.train`): LoRA rank "
+          f"{recipe.network_dim}, alpha {recipe.network_alpha:g}, "
+          f"{'UNet only' if recipe.text_encoder_lr == 0 else f'text encoder LR {recipe.text_encoder_lr:g}'}, "
+          f"AdamW LR {recipe.unet_lr:g} ({recipe.lr_scheduler}), batch {recipe.train_batch_size}, min-SNR γ "
+          f"{recipe.min_snr_gamma:g}, prior_loss_weight {recipe.prior_loss_weight:g}, {recipe.max_train_epochs} epochs, "
+          "a LoRA file every epoch, aspect-ratio buckets (resolution 40, bucket_reso_steps 16). The same "
+          "settings without reg images for the comparison.",
+          f"4. Scoring every saved epoch (the file loaded back, as a user would): DDIM {ev.ddim_steps} steps, CFG "
+          f"{ev.cfg}, fixed seeds; {len(tag_items)} prompts with `{TAG}` on colour/background pairs not in the "
+          f"dataset, and {len(base_items)} base prompts on the shape/colour/background combinations held out of "
+          "the base model's training, scored by the lab evaluator (analytic colour/background/size, a small "
+          "CNN for the shape). Retention = accuracy with the LoRA / the base model's accuracy on the same "
+          "prompts and seeds, for shape, colour and background; the table shows the smallest.", ""]
+    L += ["## Time", "", "| stage | seconds |", "|---|---|"]
+    L += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    L += ["", "## Files", "",
+          f"* `dataset/`, `reg/`: the training and regularization images (kohya layout)",
+          f"* `train_reg/`, `train_noreg/`: LoRA files per epoch (`{TAG}-NNNNNN.safetensors`, the last epoch "
+          f"`{TAG}.safetensors`), `train_log.jsonl`",
+          f"* `{files['grid_reg']}`, `{files['grid_noreg']}`, `{files['loss_reg']}`, `{files['loss_noreg']}`, "
+          "`results.json`", ""]
+    report = out_dir / "report.md"
+    atomic_write(report, lambda tmp: Path(tmp).write_text("\n".join(L), encoding="utf-8"))
+
+    data = {"quick": quick, "device": device, "threads": threads, "recipe": asdict(recipe), "eval": asdict(ev),
+            "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "bars": {"concept": CONCEPT_BAR, "retention": RETENTION_BAR},
+            "runs": {r.name: {"with_reg": r.with_reg, "recommended_epoch": picks[r.name][0].epoch,
+                              "why": picks[r.name][1], "steps_per_epoch": r.steps_per_epoch,
+                              "train_seconds": round(r.train_seconds, 2), "eval_seconds": round(r.eval_seconds, 2),
+                              "epochs": [asdict(s) for s in r.scores]} for r in runs},
+            "recommended": {"run": reg.name, "epoch": best.epoch, "file": rel(_lora_file(reg, best.epoch)),
+                            "bars_met": met}}
+    atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1), encoding="utf-8"))
+    return report
