@@ -104,7 +104,7 @@ def test_quick_demo_writes_grids_loss_and_report(tmp_path):
         assert (out / run / f"{D.TAG}-000001.safetensors").is_file()
     text = report.read_text()
     assert "## Recommended epoch" in text and "Rule:" in text
-    rows = [line for line in text.splitlines() if re.match(r"\| (base model|\**\d)", line)]
+    rows = [line for line in text.splitlines() if re.match(r"\| (base model \||\**\d)", line)]
     assert len(rows) == 2 * (epochs + 1)  # one table per run: base model + every epoch
     data = json.loads((out / "results.json").read_text())
     assert set(data["runs"]) == {"reg", "noreg"}

@@ -66,7 +66,7 @@ class DemoRecipe:
     train_batch_size: int = 4
     network_dim: int = 8
     network_alpha: float = 8.0
-    unet_lr: float = 3e-4
+    unet_lr: float = 1e-3
     text_encoder_lr: float = 0.0  # 0 = UNet only
     min_snr_gamma: float = 5.0
     prior_loss_weight: float = 1.0
