@@ -3,7 +3,7 @@
     python bench/train_speed.py --model sd15 --batch 1 8 --steps 10     # on a GPU: SD1.5-size random UNet, 512 px
     python bench/train_speed.py --model tiny --batch 2 --steps 3         # anywhere: tiny model (checks the script)
 
-For each batch size it runs `loralab.train.loop.train` on a generated dataset (cached latents, rank-16 LoRA,
+For each batch size it runs `loralab.recipes.lora.train` on a generated dataset (cached latents, rank-16 LoRA,
 bf16 autocast on CUDA) and times the optimizer steps after a warm-up through the loop's step hook; then it
 times, in the same process and on the same UNet config, the plain step of ../shared/bench (diffusers UNet,
 rank-16 LoRA on attention q/k/v/out, autocast bf16, fused AdamW, random cached-latent inputs). It prints a
@@ -79,15 +79,17 @@ def write_dataset(folder: Path, n: int, res: int) -> None:
 
 def bench_loralab(model_dir: Path, data_dir: Path, out: Path, res: int, bs: int, steps: int, warm: int, dev: str) -> dict:
     from loralab.config import build_config
-    from loralab.train.loop import TrainHooks, train
+    from loralab.recipes.lora import train
+    from loralab.train.callbacks import Callback
 
     times: list[float] = []
 
-    def on_step(ctx) -> None:
-        sync(dev)
-        times.append(time.perf_counter())
-        if dev == "cuda" and len(times) == warm:
-            torch.cuda.reset_peak_memory_stats()  # like the plain step: peak of the timed steps, after cuDNN autotuning
+    class StepTimes(Callback):
+        def on_step_end(self, run) -> None:
+            sync(dev)
+            times.append(time.perf_counter())
+            if dev == "cuda" and len(times) == warm:
+                torch.cuda.reset_peak_memory_stats()  # like the plain step: peak of the timed steps, after cuDNN autotuning
 
     cfg = build_config(None, {
         "pretrained_model_name_or_path": str(model_dir), "train_data_dir": str(data_dir), "output_dir": str(out),
@@ -95,7 +97,7 @@ def bench_loralab(model_dir: Path, data_dir: Path, out: Path, res: int, bs: int,
         "train_batch_size": str(bs), "max_train_steps": str(warm + steps), "cache_latents": "true",
         "mixed_precision": "bf16" if dev == "cuda" else "no", "network_train_unet_only": "true",
         "learning_rate": "1e-4", "device": dev, "save_precision": "fp16"})
-    train(cfg, TrainHooks(on_step_end=on_step))
+    train(cfg, [StepTimes()])
     dt = (times[-1] - times[warm - 1]) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
     return {"what": "loralab train loop", "bs": bs, "s_per_step": dt, "steps_s": 1 / dt, "img_s": bs / dt, "peak_GiB": peak}

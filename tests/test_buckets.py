@@ -6,6 +6,7 @@ import pytest
 
 from loralab.data.buckets import (
     adjust_bucket_reso_range,
+    bucket_candidates,
     bucket_info,
     check_bucket_reso_steps,
     kohya_crop_ltrb,
@@ -141,3 +142,19 @@ def test_bucket_info_shape():
     info = bucket_info([(a, 10), (b, 3), (b, 2)])
     assert info["buckets"] == {0: {"resolution": (512, 512), "count": 5}, 1: {"resolution": (576, 448), "count": 10}}
     assert info["mean_img_ar_error"] == pytest.approx(abs(a.ar_error) / 3)
+
+
+def test_bucket_candidates_by_mode():
+    args = dict(min_bucket_reso=256, max_bucket_reso=1024, bucket_reso_steps=64)
+    on = bucket_candidates((512, 512), enable_bucket=True, bucket_no_upscale=False, **args)
+    assert list(on.buckets) == SD_BUCKETS and (on.bucket_reso_steps, on.no_upscale) == (64, False)
+    assert on.choose((768, 576)) == default((768, 576))
+    no_up = bucket_candidates((512, 512), enable_bucket=True, bucket_no_upscale=True, **args)
+    assert no_up.buckets is None and no_up.no_upscale
+    assert no_up.choose((1024, 1024)) == no_upscale((1024, 1024))
+    off = bucket_candidates((512, 512), enable_bucket=False, bucket_no_upscale=True, **args)
+    assert off.buckets == ((512, 512),) and (off.bucket_reso_steps, off.no_upscale) == (None, False)
+    assert off.choose((1024, 768)).bucket == (512, 512)
+    with pytest.raises(LoralabError, match="min_bucket_reso"):
+        bucket_candidates((512, 512), enable_bucket=True, bucket_no_upscale=False, min_bucket_reso=640,
+                          max_bucket_reso=1024, bucket_reso_steps=64)

@@ -18,8 +18,12 @@ from torch import nn
 
 from loralab.errors import LoralabError
 from loralab.models.tiny import tiny_sd_components
-from loralab.network import lora as L
-from loralab.network.lora import LoRAModule, LoRANetwork, NetworkConfig, sdxl_unet_path_to_ldm
+from loralab.network import files as LF
+from loralab.network import modules as LM
+from loralab.network import targets as LT
+from loralab.network.lora import LoRANetwork, NetworkConfig
+from loralab.network.modules import LoRAModule
+from loralab.network.targets import sdxl_unet_path_to_ldm
 
 torch.set_num_threads(1)
 
@@ -318,15 +322,15 @@ def test_module_dropout():
 
 def test_rank_dropout_mask_and_scale():
     torch.manual_seed(0)
-    lx, factor = L.rank_dropout(torch.ones(4000, 16), 0.25, training=True, conv=False)
+    lx, factor = LM.rank_dropout(torch.ones(4000, 16), 0.25, training=True, conv=False)
     assert factor == pytest.approx(1 / 0.75)
     assert (lx != 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
     # whole ranks per sample: broadcast over tokens (Linear) and over H, W (conv)
-    lx3, _ = L.rank_dropout(torch.ones(64, 5, 16), 0.5, training=True, conv=False)
+    lx3, _ = LM.rank_dropout(torch.ones(64, 5, 16), 0.5, training=True, conv=False)
     assert torch.equal(lx3, lx3[:, :1, :].expand_as(lx3))
-    lx4, _ = L.rank_dropout(torch.ones(64, 16, 3, 3), 0.5, training=True, conv=True)
+    lx4, _ = LM.rank_dropout(torch.ones(64, 16, 3, 3), 0.5, training=True, conv=True)
     assert torch.equal(lx4, lx4[:, :, :1, :1].expand_as(lx4))
-    assert L.rank_dropout(lx, 0.25, training=False, conv=False)[1] == 1.0
+    assert LM.rank_dropout(lx, 0.25, training=False, conv=False)[1] == 1.0
 
     m, org = _module(rank_dropout=0.5)
     x = torch.randn(3, 8)
@@ -345,9 +349,9 @@ def test_rank_dropout_mask_and_scale():
 
 def test_network_dropout_only_in_training():
     torch.manual_seed(0)
-    y = L.network_dropout(torch.ones(10000), 0.5, training=True)
+    y = LM.network_dropout(torch.ones(10000), 0.5, training=True)
     assert set(y.unique().tolist()) == {0.0, 2.0} and (y == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
-    assert torch.equal(L.network_dropout(torch.ones(5), 0.5, training=False), torch.ones(5))
+    assert torch.equal(LM.network_dropout(torch.ones(5), 0.5, training=False), torch.ones(5))
     m, org = _module(dropout=0.5)
     x = torch.randn(16, 8)
     with torch.no_grad():
@@ -364,7 +368,7 @@ def test_config_validation():
     with pytest.raises(LoralabError, match="network_dim"):
         NetworkConfig(dim=0)
     assert NetworkConfig(conv_dim=4).conv_alpha == 1.0
-    assert L.alpha_scale(0, 8) == 1.0 and L.alpha_scale(None, 8) == 1.0 and L.alpha_scale(2, 8) == 0.25
+    assert LM.alpha_scale(0, 8) == 1.0 and LM.alpha_scale(None, 8) == 1.0 and LM.alpha_scale(2, 8) == 0.25
 
 
 # ---------------------------------------------------------------------------------------- hooking, groups
@@ -447,7 +451,7 @@ def test_legacy_hash_reads_at_one_mib():
     sd = {"w": torch.arange(600_000, dtype=torch.float32)}  # 2.4 MB
     md = {"ss_x": "1", "other": "ignored"}
     data = safetensors.torch.save(sd, {"ss_x": "1"})
-    model_hash, legacy = L.precalculate_safetensors_hashes(sd, md)
+    model_hash, legacy = LF.precalculate_safetensors_hashes(sd, md)
     assert legacy == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     assert model_hash == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
 
@@ -482,7 +486,7 @@ def test_from_weights_diffusers_style_sdxl_names(tmp_path):
     unet, tes = components("sdxl")
     net = LoRANetwork.create(unet, tes, "sdxl", NetworkConfig(dim=4, alpha=2, conv_dim=2))
     randomize(net)
-    targets = {t.lora_name: t for t in L.find_lora_targets(unet, tes, "sdxl", include_conv=True)}
+    targets = {t.lora_name: t for t in LT.find_lora_targets(unet, tes, "sdxl", include_conv=True)}
     renamed = {}
     for k, v in net.state_dict().items():
         mod, rest = k.split(".", 1)
@@ -521,14 +525,14 @@ def test_atomic_save(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(L, "save_file", broken_save_file)
+    monkeypatch.setattr(LF, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         net.save(path)
     assert list(path.parent.iterdir()) == []  # no final file, no temp file
     monkeypatch.undo()
     net.save(path)
     good = path.read_bytes()
-    monkeypatch.setattr(L, "save_file", broken_save_file)
+    monkeypatch.setattr(LF, "save_file", broken_save_file)
     with pytest.raises(OSError):
         net.save(path)
     assert path.read_bytes() == good and list(path.parent.iterdir()) == [path]  # the old file survives

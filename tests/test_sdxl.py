@@ -25,7 +25,8 @@ from loralab.models.loader import load_base_model, peek_family, save_single_file
 from loralab.models.sdxl import batch_time_ids, sdxl_time_ids
 from loralab.models.text import encode_captions, encode_text_sdxl, tokenize, unet_text_conditioning
 from loralab.models.tiny import tiny_sd_components
-from loralab.train.loop import TrainHooks, train
+from loralab.recipes.lora import train
+from loralab.train.callbacks import Callback
 
 # (image size w x h) -> its bucket (w, h) at resolution 64, buckets 32..128 step 32, and the micro-conditioning
 # (orig_h, orig_w, crop_top, crop_left, target_h, target_w), unflipped and flipped, worked out by hand from
@@ -164,14 +165,15 @@ def trained(tiny_sdxl_checkpoint, tmp_path_factory):
         added = kwargs.get("added_cond_kwargs") or {}
         seen.append((added["time_ids"].tolist(), torch.is_grad_enabled()))
 
-    def start(ctx):
-        state["ctx"] = ctx
-        ctx.model.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    class Start(Callback):
+        def on_train_start(self, run):
+            state["ctx"] = run
+            run.model.unet.register_forward_pre_hook(capture, with_kwargs=True)
 
     cfg = build_config(None, cfg_dict(tiny_sdxl_checkpoint, img, root / "out", max_train_epochs=2, flip_aug="true",
                                       sample_prompts=prompts, sample_every_n_epochs=2, text_encoder_lr="2e-3",
                                       save_every_n_epochs=1))
-    result = train(cfg, TrainHooks(on_train_start=start))
+    result = train(cfg, [Start()])
     return {"result": result, "ctx": state["ctx"], "seen": seen, "ckpt": tiny_sdxl_checkpoint, "root": root}
 
 
@@ -376,11 +378,12 @@ def test_fp8_base_training_on_cpu(tiny_sdxl_checkpoint, tmp_path):
         return
     dtypes = {}
 
-    def start(ctx):
-        dtypes.update({type(m).__name__: m.weight.dtype for m in ctx.model.unet.modules()
-                       if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+    class Start(Callback):
+        def on_train_start(self, run):
+            dtypes.update({type(m).__name__: m.weight.dtype for m in run.model.unet.modules()
+                           if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
 
-    result = train(build_config(None, d), TrainHooks(on_train_start=start))
+    result = train(build_config(None, d), [Start()])
     assert dtypes == {"Linear": torch.float8_e4m3fn, "Conv2d": torch.float8_e4m3fn}
     with safe_open(str(result.final_file), "pt") as f:
         ups = [f.get_tensor(k) for k in f.keys() if k.endswith("lora_up.weight")]

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from loralab.config import build_config
 from loralab.errors import LoralabError
-from loralab.train.loop import TrainHooks, train
+from loralab.recipes.lora import train
+from loralab.train.callbacks import Callback
 
 
 def make_dataset(root: Path, *, concepts=(("3_alpha", 3), ("2_beta", 2)), reg=True, size=(64, 64)) -> tuple[Path, Path | None]:
@@ -106,13 +107,14 @@ def test_straight_run_equals_resumed_run(tmp_path, tiny_sd1_checkpoint):
     class Interrupt(Exception):
         pass
 
-    def stop_after_epoch_2(ctx):
-        if ctx.epoch == 1:
-            raise Interrupt
+    class CrashAfterEpoch2(Callback):  # an interruption: the run dies, nothing after epoch 2 is written
+        def on_epoch_end(self, run):
+            if run.epoch == 1:
+                raise Interrupt
 
     with pytest.raises(Interrupt):
         train(build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "b", max_train_epochs=4, **common)),
-              TrainHooks(on_epoch_end=stop_after_epoch_2))
+              [CrashAfterEpoch2()])
     state = tmp_path / "b" / "lora-000002-state"
     assert state.is_dir() and (tmp_path / "b" / "lora-000002.safetensors").is_file()
     resumed = train(build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "b", max_train_epochs=4,

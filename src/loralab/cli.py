@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     overrides = _parse_overrides(extra)
     cfg = build_config(args.config, overrides)
-    from loralab.train.loop import train
+    from loralab.recipes.lora import train
 
     train(cfg)
     return 0
@@ -72,16 +72,13 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _resolution(text: str) -> tuple[int, int]:
-    """kohya's `resolution`: "512" or "W,H" ("768,512")."""
+    """kohya's `resolution` for the dataset tools: the training config's one rule (config.parse_resolution)."""
+    from loralab.config import parse_resolution
+
     try:
-        parts = [int(x) for x in text.replace("x", ",").split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution {text!r}: give 512 or W,H such as 768,512") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise argparse.ArgumentTypeError(f"resolution {text!r}: give 512 or W,H such as 768,512")
+        return parse_resolution(text)
+    except LoralabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_bucket_args(p: argparse.ArgumentParser, batch: bool = True) -> None:

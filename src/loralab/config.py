@@ -70,6 +70,9 @@ class TrainConfig:
     caption_dropout_rate: float = _f(0.0, "probability of training an image with an empty caption", group="dataset")
     caption_dropout_every_n_epochs: int = _f(0, "empty captions for a whole epoch every N epochs", group="dataset")
     caption_tag_dropout_rate: float = _f(0.0, "probability of dropping each non-kept tag", group="dataset")
+    token_warmup_min: int = _f(1, "token warmup: flexible tags trained at step 0", group="dataset")
+    token_warmup_step: float = _f(0.0, "token warmup: steps (or a fraction < 1 of all steps) until every tag is "
+                                  "trained; 0 = off", group="dataset")
     prior_loss_weight: float = _f(1.0, "loss weight of regularization images", group="dataset")
     cache_latents: bool = _f(False, "encode images once and keep latents in memory", group="dataset")
     cache_latents_to_disk: bool = _f(False, "cache latents in .npz files next to the images (reused by later runs)", group="dataset")
@@ -121,6 +124,8 @@ class TrainConfig:
     adaptive_noise_scale: float = _f(0.0, "add this times |latent mean| to the noise offset", group="training")
     multires_noise_iterations: int = _f(0, "pyramid (multires) noise levels (6-10 typical; 0 = off)", group="training")
     multires_noise_discount: float = _f(0.3, "pyramid noise discount per level", group="training")
+    ip_noise_gamma: float = _f(0.0, "input perturbation noise (0.1 is common; 0 = off)", group="training")
+    ip_noise_gamma_random_strength: bool = _f(False, "scale ip_noise_gamma by U(0,1) each step", group="training")
     min_timestep: int = _f(0, "smallest training timestep", group="training")
     max_timestep: int = _f(1000, "largest training timestep (exclusive)", group="training")
     # --- output
@@ -148,10 +153,13 @@ class TrainConfig:
     metadata_license: str = _f("", "modelspec.license", group="output")
     metadata_tags: str = _f("", "modelspec.tags", group="output")
 
-    # ---------------------------------------------------------------- derived values
+    # ---------------------------------------------------------------- derived values and option objects
     def resolution_wh(self) -> tuple[int, int]:
-        w, h = _parse_resolution(self.resolution)
-        return w, h
+        return parse_resolution(self.resolution)
+
+    def trains_text_encoder(self) -> bool:
+        """The text-encoder LoRA is trained: not network_train_unet_only and text_encoder_lr != 0 (kohya)."""
+        return not self.network_train_unet_only and self.text_encoder_lr != 0
 
     def network_options(self) -> dict[str, Any]:
         """conv_dim, conv_alpha, rank_dropout, module_dropout: network_args win over top-level keys (kohya puts them there)."""
@@ -168,6 +176,46 @@ class TrainConfig:
                 raise LoralabError(f"network_args: {item!r} needs a number after '='") from None
         return out
 
+    def network_config(self, train_unet: bool | None = None):
+        """The LoRA network's shape and dropouts (network/lora.py NetworkConfig)."""
+        from loralab.network.lora import NetworkConfig
+
+        opts = self.network_options()
+        return NetworkConfig(dim=self.network_dim, alpha=self.network_alpha, conv_dim=opts["conv_dim"] or None,
+                             conv_alpha=opts["conv_alpha"], dropout=self.network_dropout or None,
+                             rank_dropout=opts["rank_dropout"] or None, module_dropout=opts["module_dropout"] or None,
+                             train_unet=not self.network_train_text_encoder_only if train_unet is None else train_unet,
+                             train_text_encoder=not self.network_train_unet_only)
+
+    def caption_options(self):
+        """kohya's caption pipeline options (data/captions.py CaptionOptions)."""
+        from loralab.data.captions import CaptionOptions
+
+        return CaptionOptions(
+            shuffle_caption=self.shuffle_caption, caption_separator=self.caption_separator,
+            keep_tokens=self.keep_tokens, keep_tokens_separator=self.keep_tokens_separator,
+            secondary_separator=self.secondary_separator or None, enable_wildcard=self.enable_wildcard,
+            caption_prefix=self.caption_prefix or None, caption_suffix=self.caption_suffix or None,
+            caption_dropout_rate=self.caption_dropout_rate,
+            caption_dropout_every_n_epochs=self.caption_dropout_every_n_epochs,
+            caption_tag_dropout_rate=self.caption_tag_dropout_rate, token_warmup_min=self.token_warmup_min,
+            token_warmup_step=self.token_warmup_step)
+
+    def bucket_options(self) -> dict[str, Any]:
+        """The dataset's resolution and bucket settings (keyword arguments of data/dataset.py FolderDataset)."""
+        return dict(resolution=self.resolution_wh(), enable_bucket=self.enable_bucket,
+                    min_bucket_reso=self.min_bucket_reso, max_bucket_reso=self.max_bucket_reso,
+                    bucket_reso_steps=self.bucket_reso_steps, bucket_no_upscale=self.bucket_no_upscale)
+
+    def noise_options(self) -> dict[str, Any]:
+        """Noise and timestep settings: the keyword arguments of train/noise.py make_noisy_latents."""
+        return dict(noise_offset=self.noise_offset, noise_offset_random_strength=self.noise_offset_random_strength,
+                    adaptive_noise_scale=self.adaptive_noise_scale or None,
+                    multires_noise_iterations=self.multires_noise_iterations,
+                    multires_noise_discount=self.multires_noise_discount, min_timestep=self.min_timestep,
+                    max_timestep=self.max_timestep, ip_noise_gamma=self.ip_noise_gamma or None,
+                    ip_noise_gamma_random_strength=self.ip_noise_gamma_random_strength)
+
 
 # kohya keys that do nothing here; accepted so existing configs load
 IGNORED_KOHYA_KEYS = {
@@ -178,15 +226,19 @@ IGNORED_KOHYA_KEYS = {
     "sample_sampler_args": "not used", "mixed_precision_vae": "not used", "no_half_vae": "the VAE runs in fp32",
 }
 
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
+def _fields(config_class: type) -> dict[str, Any]:
+    return {f.name: f for f in fields(config_class)}
 
 
-def _parse_resolution(value: Any) -> tuple[int, int]:
+def parse_resolution(value: Any) -> tuple[int, int]:
+    """kohya's `resolution`: one size ("512", 512) or width and height ("768,512", also "768x512", [768, 512])."""
+    if isinstance(value, bool):
+        raise LoralabError(f"resolution: {value!r} is not 'W,H' or a single size such as 512")
     if isinstance(value, int):
         return value, value
     if isinstance(value, (list, tuple)) and len(value) == 2:
         return int(value[0]), int(value[1])
-    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    parts = [p.strip() for p in str(value).lower().replace("x", ",").split(",") if p.strip()]
     try:
         nums = [int(p) for p in parts]
     except ValueError:
@@ -198,14 +250,14 @@ def _parse_resolution(value: Any) -> tuple[int, int]:
     raise LoralabError(f"resolution: {value!r} is not 'W,H' or a single size such as 512")
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
+def _coerce(name: str, value: Any, source: str, known: dict[str, Any]) -> Any:
     """Convert a TOML or command-line value to the type of the field `name`."""
-    f = _FIELDS[name]
+    f = known[name]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     where = f"{name} ({source})"
     try:
         if name == "resolution":
-            w, h = _parse_resolution(value)
+            w, h = parse_resolution(value)
             return f"{w},{h}"
         if name == "lr_warmup_steps":
             return _parse_warmup(value)
@@ -272,14 +324,19 @@ def _flatten(doc: dict, path: str) -> dict[str, Any]:
     return flat
 
 
-def _unknown_key_error(key: str, source: str) -> LoralabError:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.6)
+def _unknown_key_error(key: str, source: str, known: dict[str, Any]) -> LoralabError:
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else " `loralab train --help` lists every key."
     return LoralabError(f"{source}: unknown key {key!r}.{hint}")
 
 
-def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """TOML file, then command-line overrides (CLI > TOML > default); validated."""
+def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """TOML file, then command-line overrides (CLI > TOML > default); validated.
+
+    `config_class`: a recipe's own config (a TrainConfig subclass whose extra fields are that method's
+    keys, still flat kohya-style keys for the user; its `validate()` method, if any, checks them)."""
+    known = _fields(config_class)
     values: dict[str, Any] = {}
     if toml_path:
         p = Path(toml_path)
@@ -298,11 +355,13 @@ def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] 
         if key in IGNORED_KOHYA_KEYS:
             log.info("config key %s is ignored: %s", key, IGNORED_KOHYA_KEYS[key])
             continue
-        if key not in _FIELDS:
-            raise _unknown_key_error(key, source)
-        kwargs[key] = _coerce(key, value, source)
-    cfg = TrainConfig(**kwargs)
+        if key not in known:
+            raise _unknown_key_error(key, source, known)
+        kwargs[key] = _coerce(key, value, source, known)
+    cfg = config_class(**kwargs)
     validate(cfg)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     return cfg
 
 
@@ -345,6 +404,8 @@ def validate(cfg: TrainConfig) -> None:
         raise LoralabError("network_train_unet_only and network_train_text_encoder_only: choose at most one")
     if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
         raise LoralabError("lr_warmup_steps: the constant scheduler has no warmup; use lr_scheduler = \"constant_with_warmup\"")
+    if cfg.ip_noise_gamma < 0 or cfg.token_warmup_step < 0 or cfg.token_warmup_min < 0:
+        raise LoralabError("ip_noise_gamma, token_warmup_step, token_warmup_min: must be 0 or more")
     if cfg.clip_skip < 0:
         raise LoralabError(f"clip_skip: must be 0 or more, got {cfg.clip_skip}")
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
@@ -365,13 +426,14 @@ def validate(cfg: TrainConfig) -> None:
 def _check_text_encoder_cache(cfg: TrainConfig) -> None:
     """cache_text_encoder_outputs needs frozen text encoders and one caption per image (kohya's rule);
     caption dropout is fine (the empty caption is cached too)."""
-    if not cfg.network_train_unet_only and cfg.text_encoder_lr != 0:
+    if cfg.trains_text_encoder():
         raise LoralabError(
             "cache_text_encoder_outputs: the text encoders would be trained, so their outputs change every step; "
             "set network_train_unet_only = true (or text_encoder_lr = 0), or cache_text_encoder_outputs = false")
     varying = [name for name, on in (("shuffle_caption", cfg.shuffle_caption),
                                      ("caption_tag_dropout_rate", cfg.caption_tag_dropout_rate > 0),
-                                     ("enable_wildcard", cfg.enable_wildcard)) if on]
+                                     ("enable_wildcard", cfg.enable_wildcard),
+                                     ("token_warmup_step", cfg.token_warmup_step > 0)) if on]
     if varying:
         raise LoralabError(
             f"cache_text_encoder_outputs: {', '.join(varying)} change{'s' if len(varying) == 1 else ''} the caption "
@@ -379,11 +441,11 @@ def _check_text_encoder_cache(cfg: TrainConfig) -> None:
             f"{'it' if len(varying) == 1 else 'them'} off or set cache_text_encoder_outputs = false")
 
 
-def config_help() -> str:
+def config_help(config_class: type[TrainConfig] = TrainConfig) -> str:
     """Every key, its default and meaning, grouped; used by `loralab train --help`."""
     lines: list[str] = []
     group = None
-    for f in fields(TrainConfig):
+    for f in fields(config_class):
         g = f.metadata.get("group", "")
         if g != group:
             group = g

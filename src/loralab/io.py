@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -34,5 +37,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
+
+    atomic_write(path, write)
+
+
+def atomic_save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """`np.savez(path, **arrays)` written atomically (uncompressed, as np.savez writes it).
+
+    The archive goes to an open file: given a path that does not end in `.npz` (our temp file's), np.savez
+    would append `.npz` to it.
+    """
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
     atomic_write(path, write)

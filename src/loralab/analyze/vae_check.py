@@ -2,8 +2,8 @@
 
 A LoRA learns in latent space: whatever the VAE cannot encode and decode (fine lines, small text, small
 faces, grain, filter patterns) the LoRA cannot learn either. This round-trips every image through the
-model's VAE exactly as training sees it (its bucket size, `select_bucket`; resize and crop as
-`prepare_image` does; fp32), and writes for each image a side-by-side PNG: original | reconstruction |
+model's VAE exactly as training sees it (its bucket: `bucket_candidates`, `select_bucket`; resize and crop
+as `prepare_image` does; fp32), and writes for each image a side-by-side PNG: original | reconstruction |
 difference heatmap (|original - reconstruction|, amplified x4, black = equal). PSNR per image is reported,
 worst first: below about 25 dB the VAE visibly loses detail; crop closer, upscale, or try another VAE.
 
@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from loralab.analyze.dataset_check import BucketSettings, format_table, scan_dataset
-from loralab.data.buckets import make_bucket_resolutions, select_bucket
+from loralab.analyze.check_report import BucketSettings, format_table
+from loralab.analyze.scan import scan_dataset
 from loralab.data.dataset import list_images, repeats_from_folder_name
 from loralab.errors import LoralabError
 from loralab.io import atomic_write, atomic_write_bytes
@@ -151,13 +151,7 @@ def vae_check(
     images = _images(data_dir, caption_extension)
     if not images:
         raise LoralabError(f"vae-check: no images in {data_dir}")
-    res = settings.resolution
-    predefined = None
-    if settings.enable_bucket and not settings.bucket_no_upscale:
-        predefined = make_bucket_resolutions(res, settings.min_bucket_reso, settings.max_bucket_reso,
-                                             settings.bucket_reso_steps)
-    elif not settings.enable_bucket:
-        predefined = [res]
+    candidates = settings.candidates()
     vae_model, vae_source = load_check_vae(model, vae)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,9 +163,7 @@ def vae_check(
             failed.append((str(path), error or "unreadable"))
             continue
         try:
-            choice = select_bucket(size, resolution=res, buckets=predefined,
-                                   bucket_reso_steps=settings.bucket_reso_steps if settings.enable_bucket else None,
-                                   no_upscale=settings.enable_bucket and settings.bucket_no_upscale)
+            choice = candidates.choose(size)
             x = prepare_image(path, choice)
         except LoralabError as err:
             failed.append((str(path), str(err)))

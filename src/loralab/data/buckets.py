@@ -243,6 +243,57 @@ def select_bucket(
     )
 
 
+@dataclass(frozen=True)
+class BucketCandidates:
+    """The buckets one set of kohya bucket arguments allows, ready to pick each image's bucket.
+
+    resolution: (W, H) the training resolution; W*H is the max bucket area.
+    buckets: the predefined resolutions an image may land in; None with bucket_no_upscale, where each
+        image's bucket is derived from its own size.
+    bucket_reso_steps: the step that no-upscale buckets are floored to; None when buckets are off.
+    no_upscale: kohya's `bucket_no_upscale` in effect (only with buckets on).
+    Build it with `bucket_candidates`; `choose` is `select_bucket` with these arguments.
+    """
+
+    resolution: Size
+    buckets: tuple[Size, ...] | None
+    bucket_reso_steps: int | None
+    no_upscale: bool
+
+    def choose(self, image_size: Size) -> BucketChoice:
+        """The bucket, resize and crop of one image among these candidates (`select_bucket`)."""
+        return select_bucket(image_size, resolution=self.resolution, buckets=self.buckets,
+                             bucket_reso_steps=self.bucket_reso_steps, no_upscale=self.no_upscale)
+
+
+def bucket_candidates(
+    resolution: Size,
+    *,
+    enable_bucket: bool,
+    min_bucket_reso: int,
+    max_bucket_reso: int,
+    bucket_reso_steps: int,
+    bucket_no_upscale: bool,
+) -> BucketCandidates:
+    """The candidate buckets for kohya's bucket arguments (kohya `BucketManager` setup), by mode:
+
+    - buckets on (`enable_bucket`): the predefined resolutions `make_bucket_resolutions(resolution,
+      min_bucket_reso, max_bucket_reso, bucket_reso_steps)`: for the max area W*H and the step, the
+      sides from min to max bucket reso; an image takes the one closest in aspect ratio.
+    - buckets on with `bucket_no_upscale`: no list (min/max_bucket_reso are ignored); each image's
+      bucket is its own size, shrunk to the area W*H if larger, floored to `bucket_reso_steps`.
+    - buckets off: the one bucket `resolution` (every image resized to cover it, then center-cropped);
+      `bucket_reso_steps` and `bucket_no_upscale` are ignored.
+    The step is not validated here (`check_bucket_reso_steps`); the range is (`adjust_bucket_reso_range`).
+    """
+    if not enable_bucket:
+        return BucketCandidates(resolution, (resolution,), None, False)
+    if bucket_no_upscale:
+        return BucketCandidates(resolution, None, bucket_reso_steps, True)
+    buckets = make_bucket_resolutions(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
+    return BucketCandidates(resolution, tuple(buckets), bucket_reso_steps, False)
+
+
 def bucket_info(choices: Iterable[tuple[BucketChoice, int]]) -> dict:
     """kohya's `ss_bucket_info`: {"buckets": {i: {"resolution": (w, h), "count": n}}, "mean_img_ar_error": x}.
 

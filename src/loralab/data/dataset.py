@@ -24,11 +24,10 @@ from pathlib import Path
 
 from loralab.data.buckets import (
     BucketChoice,
+    bucket_candidates,
     bucket_info,
     check_bucket_reso_steps,
     check_resolution,
-    make_bucket_resolutions,
-    select_bucket,
 )
 from loralab.data.captions import split_tags
 from loralab.data.images import IMAGE_EXTENSIONS, is_image_file, read_image_size
@@ -90,6 +89,11 @@ def list_images(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=str)
 
 
+def caption_path(image_path: Path, caption_extension: str) -> Path:
+    """The caption file of an image: `<image stem><caption_extension>` next to it (kohya rule)."""
+    return image_path.with_name(image_path.stem + caption_extension)
+
+
 def read_caption(image_path: Path, caption_extension: str, enable_wildcard: bool = False) -> str | None:
     """The caption file of an image, `<stem><caption_extension>`, read as UTF-8 (kohya `read_caption`).
 
@@ -97,7 +101,7 @@ def read_caption(image_path: Path, caption_extension: str, enable_wildcard: bool
     lines are kept, joined with newlines (process_caption picks one per step).
     Returns None when there is no caption file and "" when it is empty.
     """
-    cap_path = image_path.with_name(image_path.stem + caption_extension)
+    cap_path = caption_path(image_path, caption_extension)
     if not cap_path.is_file():
         return None
     try:
@@ -315,7 +319,8 @@ class FolderDataset:
     """Samples, buckets and per-epoch batches of a scanned folder dataset (kohya `DreamBoothDataset`).
 
     - `samples`: one `Sample` per image in use (train images, then the reg images `reg_balancing`
-      keeps), in kohya's registration order.
+      keeps), in kohya's registration order; each one's bucket is `candidates.choose` (the buckets
+      that `bucket_candidates` gives for the bucket arguments).
     - Each sample goes `repeats` times into its bucket; batches are chunks of `batch_size` of one
       bucket (a bucket's last batch may be short; batches never mix buckets).
       num_batches_per_epoch = sum over buckets of ceil(count / batch_size).
@@ -353,17 +358,14 @@ class FolderDataset:
 
         if enable_bucket:
             check_bucket_reso_steps(bucket_reso_steps, required_reso_steps)
-            self.bucket_no_upscale = bucket_no_upscale
-            self.bucket_reso_steps: int | None = bucket_reso_steps
             if bucket_no_upscale:
                 log.info("bucket_no_upscale: buckets come from the image sizes; min/max_bucket_reso are ignored")
-                predefined = None
-            else:
-                predefined = make_bucket_resolutions(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
-        else:
-            self.bucket_no_upscale = False
-            self.bucket_reso_steps = None
-            predefined = [resolution]
+        self.candidates = bucket_candidates(
+            resolution, enable_bucket=enable_bucket, min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso,
+            bucket_reso_steps=bucket_reso_steps, bucket_no_upscale=bucket_no_upscale,
+        )
+        self.bucket_no_upscale = self.candidates.no_upscale
+        self.bucket_reso_steps: int | None = self.candidates.bucket_reso_steps
 
         self.num_train_images = num_train_images(self.subsets)
         self.num_reg_images = sum(s.img_count * s.num_repeats for s in self.subsets if s.is_reg)
@@ -382,8 +384,7 @@ class FolderDataset:
         self.samples: list[Sample] = []
         for entry, repeats in registered:
             try:
-                choice = select_bucket(entry.size, resolution=resolution, buckets=predefined,
-                                       bucket_reso_steps=self.bucket_reso_steps, no_upscale=self.bucket_no_upscale)
+                choice = self.candidates.choose(entry.size)
             except LoralabError as err:
                 raise LoralabError(f"{entry.path}: {err}") from err
             self.samples.append(Sample(entry=entry, choice=choice, is_reg=entry.subset.is_reg, repeats=repeats))

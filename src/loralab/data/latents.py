@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from loralab.data.buckets import kohya_crop_ltrb
 from loralab.data.dataset import Sample
 from loralab.data.images import prepare_image
 from loralab.errors import LoralabError
+from loralab.io import atomic_save_npz
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ def _load_valid(npz_path: Path, sample: Sample, flip_aug: bool, vae_id: str) -> 
 
 
 def _save(npz_path: Path, sample: Sample, item: CachedLatents, vae_id: str) -> None:
-    """Write the cache file atomically (temp file in the same folder, then os.replace)."""
+    """Write the cache file atomically (`loralab.io.atomic_save_npz`: temp file, then os.replace)."""
     size, mtime = _image_fingerprint(sample.entry.path)
     arrays = {
         "latents": item.latents.numpy(),
@@ -163,14 +162,7 @@ def _save(npz_path: Path, sample: Sample, item: CachedLatents, vae_id: str) -> N
     if item.latents_flipped is not None:
         arrays["latents_flipped"] = item.latents_flipped.numpy()
     try:
-        fd, tmp = tempfile.mkstemp(dir=npz_path.parent, prefix=npz_path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, npz_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_npz(npz_path, arrays)
     except OSError as err:
         raise LoralabError(
             f"{npz_path}: cannot write the latent cache next to the image ({err}); make the folder writable "

@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from loralab.errors import LoralabError
+from loralab.io import atomic_save_npz
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +124,7 @@ def _save(npz_path: Path, names: tuple[str, ...], outputs: Sequence[torch.Tensor
     arrays["ll_caption"] = np.array(caption)
     arrays["ll_encoders"] = np.array(encoders)
     try:
-        fd, tmp = tempfile.mkstemp(dir=npz_path.parent, prefix=npz_path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, npz_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_npz(npz_path, arrays)
     except OSError as err:
         raise LoralabError(
             f"{npz_path}: cannot write the text-encoder cache next to the image ({err}); make the folder "

@@ -51,7 +51,6 @@ class RunInfo:
 
 def build_metadata(cfg: Any, run: RunInfo, *, epoch: int, step: int, final: bool) -> dict[str, str]:
     """All `ss_*` and `modelspec.*` keys for a file saved at `epoch`/`step`."""
-    w, h = cfg.resolution_wh()
     version = base_model_version(run.family, run.v_parameterization)
     net_args = {k: str(v) for k, v in run.network_args.items() if v not in (None, 0, 0.0, "")}
     md: dict[str, Any] = {
@@ -63,78 +62,96 @@ def build_metadata(cfg: Any, run: RunInfo, *, epoch: int, step: int, final: bool
         "ss_network_args": json.dumps(net_args),
     }
     if not cfg.no_metadata:
-        md.update({
-            "ss_session_id": run.session_id,
-            "ss_training_started_at": run.started_at,
-            "ss_output_name": cfg.output_name,
-            "ss_learning_rate": cfg.learning_rate,
-            "ss_text_encoder_lr": cfg.text_encoder_lr if cfg.text_encoder_lr >= 0 else cfg.learning_rate,
-            "ss_unet_lr": cfg.unet_lr if cfg.unet_lr >= 0 else cfg.learning_rate,
-            "ss_num_train_images": run.num_train_images,
-            "ss_num_reg_images": run.num_reg_images,
-            "ss_num_batches_per_epoch": run.num_batches_per_epoch,
-            "ss_num_epochs": run.num_epochs,
-            "ss_gradient_checkpointing": cfg.gradient_checkpointing,
-            "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "ss_max_train_steps": run.max_train_steps,
-            "ss_lr_warmup_steps": cfg.lr_warmup_steps,
-            "ss_lr_scheduler": cfg.lr_scheduler,
-            "ss_network_dropout": cfg.network_dropout or None,
-            "ss_mixed_precision": cfg.mixed_precision,
-            "ss_full_fp16": False,
-            "ss_fp8_base": cfg.fp8_base,
-            "ss_fp8_base_unet": cfg.fp8_base,
-            "ss_seed": cfg.seed,
-            "ss_lowram": False,
-            "ss_noise_offset": cfg.noise_offset or None,
-            "ss_noise_offset_random_strength": cfg.noise_offset_random_strength,
-            "ss_adaptive_noise_scale": cfg.adaptive_noise_scale or None,
-            "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
-            "ss_multires_noise_discount": cfg.multires_noise_discount,
-            "ss_training_comment": cfg.training_comment or None,
-            "ss_sd_scripts_commit_hash": "loralab",
-            "ss_optimizer": run.optimizer_desc,
-            "ss_max_grad_norm": cfg.max_grad_norm,
-            "ss_caption_dropout_rate": cfg.caption_dropout_rate,
-            "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
-            "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
-            "ss_face_crop_aug_range": None,
-            "ss_prior_loss_weight": cfg.prior_loss_weight,
-            "ss_min_snr_gamma": cfg.min_snr_gamma or None,
-            "ss_scale_weight_norms": cfg.scale_weight_norms or None,
-            "ss_ip_noise_gamma": None,
-            "ss_debiased_estimation": False,
-            "ss_loss_type": "l2",
-            "ss_zero_terminal_snr": False,
-            "ss_clip_skip": cfg.clip_skip or None,
-            "ss_max_token_length": cfg.max_token_length,
-            "ss_cache_latents": cfg.cache_latents,
-            "ss_sd_model_name": run.model_name,
-            "ss_new_sd_model_hash": run.model_hash,
-            "ss_vae_name": run.vae_name or None,
-            "ss_batch_size_per_device": cfg.train_batch_size,
-            "ss_total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps,
-            "ss_resolution": f"({w}, {h})",
-            "ss_color_aug": False,
-            "ss_flip_aug": cfg.flip_aug,
-            "ss_random_crop": False,
-            "ss_shuffle_caption": cfg.shuffle_caption,
-            "ss_enable_bucket": cfg.enable_bucket,
-            "ss_bucket_no_upscale": cfg.bucket_no_upscale,
-            "ss_min_bucket_reso": cfg.min_bucket_reso,
-            "ss_max_bucket_reso": cfg.max_bucket_reso,
-            "ss_keep_tokens": cfg.keep_tokens,
-            "ss_bucket_info": json.dumps(run.bucket_info) if run.bucket_info else None,
-            "ss_tag_frequency": json.dumps(run.tag_frequency),
-            "ss_dataset_dirs": json.dumps(run.dataset_dirs),
-            "ss_reg_dataset_dirs": json.dumps(run.reg_dataset_dirs),
-            "ss_epoch": epoch,
-            "ss_steps": step,
-        })
+        md.update(training_keys(cfg, run))
+        md.update(dataset_keys(cfg, run))
+        md.update({"ss_epoch": epoch, "ss_steps": step})
         if final:
             md["ss_training_finished_at"] = time.time()
     md.update(modelspec(cfg, run, version))
     return {k: str(v) for k, v in md.items() if v is not None}
+
+
+def training_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
+    """The `ss_*` keys of the model, network, optimizer, noise and loss settings."""
+    md = {
+        "ss_session_id": run.session_id,
+        "ss_training_started_at": run.started_at,
+        "ss_output_name": cfg.output_name,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_text_encoder_lr": cfg.text_encoder_lr if cfg.text_encoder_lr >= 0 else cfg.learning_rate,
+        "ss_unet_lr": cfg.unet_lr if cfg.unet_lr >= 0 else cfg.learning_rate,
+        "ss_num_train_images": run.num_train_images,
+        "ss_num_reg_images": run.num_reg_images,
+        "ss_num_batches_per_epoch": run.num_batches_per_epoch,
+        "ss_num_epochs": run.num_epochs,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_max_train_steps": run.max_train_steps,
+        "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_network_dropout": cfg.network_dropout or None,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_full_fp16": False,
+        "ss_fp8_base": cfg.fp8_base,
+        "ss_fp8_base_unet": cfg.fp8_base,
+        "ss_seed": cfg.seed,
+        "ss_lowram": False,
+        "ss_noise_offset": cfg.noise_offset or None,
+        "ss_noise_offset_random_strength": cfg.noise_offset_random_strength,
+        "ss_adaptive_noise_scale": cfg.adaptive_noise_scale or None,
+        "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
+        "ss_multires_noise_discount": cfg.multires_noise_discount,
+        "ss_training_comment": cfg.training_comment or None,
+        "ss_sd_scripts_commit_hash": "loralab",
+        "ss_optimizer": run.optimizer_desc,
+        "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+        "ss_face_crop_aug_range": None,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_min_snr_gamma": cfg.min_snr_gamma or None,
+        "ss_scale_weight_norms": cfg.scale_weight_norms or None,
+        "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
+        "ss_debiased_estimation": False,
+        "ss_loss_type": "l2",
+        "ss_zero_terminal_snr": False,
+        "ss_clip_skip": cfg.clip_skip or None,
+        "ss_max_token_length": cfg.max_token_length,
+        "ss_sd_model_name": run.model_name,
+        "ss_new_sd_model_hash": run.model_hash,
+        "ss_vae_name": run.vae_name or None,
+    }
+    if cfg.ip_noise_gamma:
+        md["ss_ip_noise_gamma_random_strength"] = cfg.ip_noise_gamma_random_strength
+    return md
+
+
+def dataset_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
+    """The `ss_*` keys of the dataset: sizes, buckets, caption options, tag frequency, folders."""
+    w, h = cfg.resolution_wh()
+    md = {
+        "ss_cache_latents": cfg.cache_latents,
+        "ss_batch_size_per_device": cfg.train_batch_size,
+        "ss_total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps,
+        "ss_resolution": f"({w}, {h})",
+        "ss_color_aug": False,
+        "ss_flip_aug": cfg.flip_aug,
+        "ss_random_crop": False,
+        "ss_shuffle_caption": cfg.shuffle_caption,
+        "ss_enable_bucket": cfg.enable_bucket,
+        "ss_bucket_no_upscale": cfg.bucket_no_upscale,
+        "ss_min_bucket_reso": cfg.min_bucket_reso,
+        "ss_max_bucket_reso": cfg.max_bucket_reso,
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_bucket_info": json.dumps(run.bucket_info) if run.bucket_info else None,
+        "ss_tag_frequency": json.dumps(run.tag_frequency),
+        "ss_dataset_dirs": json.dumps(run.dataset_dirs),
+        "ss_reg_dataset_dirs": json.dumps(run.reg_dataset_dirs),
+    }
+    if cfg.token_warmup_step:
+        md.update({"ss_token_warmup_min": cfg.token_warmup_min, "ss_token_warmup_step": cfg.token_warmup_step})
+    return md
 
 
 def modelspec(cfg: Any, run: RunInfo, version: str) -> dict[str, str]:

@@ -414,6 +414,29 @@ def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__name__ == "Adafactor" and bool(optimizer.defaults.get("relative_step"))
 
 
+def _no_warmup(what: str, hint: str, warmup_steps: int) -> None:
+    if warmup_steps:
+        raise LoralabError(
+            f"lr_scheduler={what} does not use a warmup, but lr_warmup_steps gives {warmup_steps} steps; "
+            f"{hint}"
+        )
+
+
+def _adafactor_schedule(raw: str, key: str, optimizer: torch.optim.Optimizer, warmup_steps: int, initial_lr: float):
+    """A relative-step Adafactor's own schedule (kohya forces `adafactor:<lr>`)."""
+    from transformers.optimization import AdafactorSchedule
+
+    if not _is_relative_step_adafactor(optimizer):
+        raise LoralabError(
+            f"lr_scheduler={raw}: this scheduler only works with optimizer_type=Adafactor and relative_step=True."
+        )
+    if key not in ("adafactor", "constant"):
+        logger.warning("Adafactor with relative_step=True: lr_scheduler=%s is replaced by Adafactor's own", raw)
+    _no_warmup("adafactor", "set lr_warmup_steps to 0 (use warmup_init=True in optimizer_args for Adafactor).",
+               warmup_steps)
+    return AdafactorSchedule(optimizer, initial_lr)
+
+
 def create_scheduler(
     name: str | None,
     optimizer: torch.optim.Optimizer,
@@ -444,7 +467,7 @@ def create_scheduler(
     `adafactor:<lr>`; `initial_lr` is what it reports before the first step). `scheduler_args`: extra
     keyword arguments (kohya `lr_scheduler_args`, e.g. step_rules for piecewise_constant).
     """
-    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, AdafactorSchedule, SchedulerType
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
     raw = (name or "constant").strip()
     key = raw.lower()
@@ -454,21 +477,10 @@ def create_scheduler(
         key = "adafactor"
 
     def no_warmup(what: str, hint: str) -> None:
-        if warmup_steps:
-            raise LoralabError(
-                f"lr_scheduler={what} does not use a warmup, but lr_warmup_steps gives {warmup_steps} steps; "
-                f"{hint}"
-            )
+        _no_warmup(what, hint, warmup_steps)
 
     if key == "adafactor" or _is_relative_step_adafactor(optimizer):
-        if not _is_relative_step_adafactor(optimizer):
-            raise LoralabError(
-                f"lr_scheduler={raw}: this scheduler only works with optimizer_type=Adafactor and relative_step=True."
-            )
-        if key not in ("adafactor", "constant"):
-            logger.warning("Adafactor with relative_step=True: lr_scheduler=%s is replaced by Adafactor's own", raw)
-        no_warmup("adafactor", "set lr_warmup_steps to 0 (use warmup_init=True in optimizer_args for Adafactor).")
-        return AdafactorSchedule(optimizer, initial_lr)
+        return _adafactor_schedule(raw, key, optimizer, warmup_steps, initial_lr)
 
     if key not in SCHEDULERS:
         raise LoralabError(f"lr_scheduler={raw!r} is unknown; accepted: {', '.join(SCHEDULERS)}.")

@@ -365,6 +365,48 @@ def _denoise(
     return latents
 
 
+def _sample_one(i: int, prompt: SamplePrompt, *, unet, vae, vae_scaling_factor: float, encode_prompt: Callable,
+                scheduler_config: Mapping[str, Any] | None, out_dir: Path, file_stem: str, device: torch.device,
+                dtype: torch.dtype, default_seed: int | None, sampler: str, v_parameterization: bool,
+                clip_sample: bool) -> Path:
+    """Draw prompt `i` and save it (see `generate_samples`)."""
+    seed = prompt.seed
+    if seed is None and default_seed is not None:
+        seed = default_seed + i
+    generator = torch.Generator("cpu")
+    actual_seed = generator.manual_seed(seed).initial_seed() if seed is not None else generator.seed()
+    sampler_name = sampler
+    logger.info(
+        "sample %d: %r (neg %r) %dx%d, %d steps, cfg %s, %s, seed %d",
+        i, prompt.prompt, prompt.negative_prompt, prompt.width, prompt.height, prompt.steps,
+        prompt.scale, sampler_name, actual_seed,
+    )
+    scheduler = make_sampler(sampler_name, scheduler_config, v_parameterization=v_parameterization, clip_sample=clip_sample)
+    texts = [prompt.negative_prompt, prompt.prompt] if prompt.scale > 1.0 else [prompt.prompt]
+    cond, added = _encode(encode_prompt, texts)
+    if getattr(unet.config, "addition_embed_type", None) == "text_time" and "time_ids" not in added:
+        added["time_ids"] = sample_time_ids(prompt.width, prompt.height, len(texts))  # SDXL
+    factor = _vae_scale(vae)
+    latents = _denoise(
+        unet=unet, sampler=scheduler, prompt=prompt, cond=cond, added=added,
+        latent_shape=(1, unet.config.in_channels, prompt.height // factor, prompt.width // factor),
+        generator=generator, device=device, dtype=dtype,
+    )
+    image = _latents_to_image(vae, latents, vae_scaling_factor)
+    timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
+    suffix = f"_{seed}" if seed is not None else ""
+    path = out_dir / f"{file_stem}_{i:02d}_{timestamp}{suffix}.png"
+    info = PngInfo()
+    info.add_text(
+        "parameters",
+        f"{prompt.prompt}\nNegative prompt: {prompt.negative_prompt}\nSteps: {prompt.steps}, "
+        f"Sampler: {sampler_name}, CFG scale: {prompt.scale}, Seed: {actual_seed}, "
+        f"Size: {prompt.width}x{prompt.height}",
+    )
+    _save_png_atomically(image, path, info)
+    return path
+
+
 def generate_samples(
     *,
     unet,
@@ -404,56 +446,17 @@ def generate_samples(
     modes = [(m, m.training) for root in modules for m in root.modules()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    factor = _vae_scale(vae)
-    in_channels = unet.config.in_channels
     paths: list[Path] = []
     try:
         for root in modules:
             root.eval()
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
-                seed = prompt.seed
-                if seed is None and default_seed is not None:
-                    seed = default_seed + i
-                generator = torch.Generator("cpu")
-                actual_seed = generator.manual_seed(seed).initial_seed() if seed is not None else generator.seed()
-                sampler_name = prompt.sampler or default_sampler
-                logger.info(
-                    "sample %d: %r (neg %r) %dx%d, %d steps, cfg %s, %s, seed %d",
-                    i, prompt.prompt, prompt.negative_prompt, prompt.width, prompt.height, prompt.steps,
-                    prompt.scale, sampler_name, actual_seed,
-                )
-                scheduler = make_sampler(
-                    sampler_name, scheduler_config, v_parameterization=v_parameterization, clip_sample=clip_sample
-                )
-                texts = [prompt.negative_prompt, prompt.prompt] if prompt.scale > 1.0 else [prompt.prompt]
-                cond, added = _encode(encode_prompt, texts)
-                if getattr(unet.config, "addition_embed_type", None) == "text_time" and "time_ids" not in added:
-                    added["time_ids"] = sample_time_ids(prompt.width, prompt.height, len(texts))  # SDXL
-                latents = _denoise(
-                    unet=unet,
-                    sampler=scheduler,
-                    prompt=prompt,
-                    cond=cond,
-                    added=added,
-                    latent_shape=(1, in_channels, prompt.height // factor, prompt.width // factor),
-                    generator=generator,
-                    device=device,
-                    dtype=dtype,
-                )
-                image = _latents_to_image(vae, latents, vae_scaling_factor)
-                timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-                suffix = f"_{seed}" if seed is not None else ""
-                path = out_dir / f"{file_stem}_{i:02d}_{timestamp}{suffix}.png"
-                info = PngInfo()
-                info.add_text(
-                    "parameters",
-                    f"{prompt.prompt}\nNegative prompt: {prompt.negative_prompt}\nSteps: {prompt.steps}, "
-                    f"Sampler: {sampler_name}, CFG scale: {prompt.scale}, Seed: {actual_seed}, "
-                    f"Size: {prompt.width}x{prompt.height}",
-                )
-                _save_png_atomically(image, path, info)
-                paths.append(path)
+                paths.append(_sample_one(
+                    i, prompt, unet=unet, vae=vae, vae_scaling_factor=vae_scaling_factor, encode_prompt=encode_prompt,
+                    scheduler_config=scheduler_config, out_dir=out_dir, file_stem=file_stem, device=device,
+                    dtype=dtype, default_seed=default_seed, sampler=prompt.sampler or default_sampler,
+                    v_parameterization=v_parameterization, clip_sample=clip_sample))
     finally:
         for m, mode in modes:
             m.training = mode

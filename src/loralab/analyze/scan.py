@@ -1,0 +1,131 @@
+"""The shared scan of a kohya-layout dataset for the analysis commands (`dataset check/tags/tokens/edit`,
+`vae-check`): every image file and its caption, broken ones included.
+
+The folders are walked the way `loralab train` walks them (`loralab.data.dataset.scan_root`: the
+`<repeats>_<name>/` folders; `list_images`; `read_caption`); image sizes come from the file headers
+(`read_image_size`). Unlike `scan_folder_dataset`, a broken image or caption is recorded instead of
+stopping the scan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loralab.analyze.activation import activation_tag
+from loralab.data.captions import split_tags
+from loralab.data.dataset import ImageEntry, Subset, list_images, read_caption, scan_root
+from loralab.data.images import read_image_size
+from loralab.errors import LoralabError
+
+
+@dataclass(eq=False)
+class ScannedImage:
+    """One image file of a concept folder, whatever state it is in."""
+
+    path: Path
+    subset: Subset
+    caption: str | None  # the caption file's text as training reads it; None: no caption file
+    caption_error: str | None = None  # set when the caption file exists but cannot be read
+    size: tuple[int, int] | None = None  # None: the header cannot be read
+    header_error: str | None = None
+
+    @property
+    def tags(self) -> list[str]:
+        """The caption's tags as kohya counts them (`split_tags`); [] without a caption."""
+        return split_tags(self.caption) if self.caption else []
+
+
+@dataclass(eq=False)
+class ScannedDataset:
+    """A kohya-layout dataset as `loralab train` sees it (`subsets`, readable images with the folder-name
+    fallback caption) plus every image file with its raw caption (`images`)."""
+
+    train_dir: Path
+    reg_dir: Path | None
+    caption_extension: str
+    subsets: list[Subset]
+    images: list[ScannedImage]
+    empty_folders: list[Path] = field(default_factory=list)
+
+    def images_of(self, subset: Subset) -> list[ScannedImage]:
+        return [im for im in self.images if im.subset is subset]
+
+    @property
+    def train_subsets(self) -> list[Subset]:
+        return [s for s in self.subsets if not s.is_reg]
+
+    @property
+    def reg_subsets(self) -> list[Subset]:
+        return [s for s in self.subsets if s.is_reg]
+
+    def find_subset(self, name: str) -> Subset:
+        """A train concept by folder name (`10_jinx`), class tokens (`jinx`) or activation tag."""
+        wanted = name.strip().lower()
+        for subset in self.train_subsets:
+            if wanted in (subset.name.lower(), subset.class_tokens.lower()):
+                return subset
+        for subset in self.train_subsets:
+            if activation_tag(self.images_of(subset), subset.class_tokens).tag == wanted:
+                return subset
+        names = ", ".join(s.name for s in self.train_subsets)
+        raise LoralabError(f"{self.train_dir}: no concept folder named {name!r}; the concepts are: {names}")
+
+
+def _normalise_extension(caption_extension: str) -> str:
+    if caption_extension and not caption_extension.startswith("."):
+        return "." + caption_extension
+    return caption_extension
+
+
+def scan_image(path: Path, subset: Subset, caption_extension: str) -> ScannedImage:
+    """One image file: its caption (`read_caption`) and header size (`read_image_size`), each error recorded.
+    A readable image also joins `subset.images`, captioned as training captions it (a missing or empty
+    caption trains as the folder's class tokens)."""
+    scanned = ScannedImage(path=path, subset=subset, caption=None)
+    try:
+        scanned.caption = read_caption(path, caption_extension)
+    except LoralabError as err:
+        scanned.caption_error = str(err)
+    try:
+        scanned.size = read_image_size(path)
+    except LoralabError as err:
+        scanned.header_error = str(err)
+    if scanned.size is not None:
+        caption = scanned.caption or subset.class_tokens
+        subset.images.append(ImageEntry(path=path, caption=caption, size=scanned.size, subset=subset))
+    return scanned
+
+
+def scan_dataset(
+    train_dir: str | Path, reg_dir: str | Path | None = None, *, caption_extension: str = ".txt"
+) -> ScannedDataset:
+    """Scan the `<repeats>_<name>/` folders of `train_dir` (and `reg_dir`) like `scan_folder_dataset`,
+    but keep going past broken files: an image whose header cannot be read is left out of the subsets
+    (training would stop on it) and recorded with its error; an unreadable caption is recorded too.
+
+    Captions as training reads them (`read_caption`: the first line, stripped); a missing or empty caption
+    trains as the folder's class tokens, and so does it in `subsets`.
+    """
+    caption_extension = _normalise_extension(caption_extension)
+    roots = [(Path(train_dir), "train_data_dir", False)]
+    if reg_dir:
+        roots.append((Path(reg_dir), "reg_data_dir", True))
+    subsets: list[Subset] = []
+    images: list[ScannedImage] = []
+    empty: list[Path] = []
+    for root, key, is_reg in roots:
+        for subset in scan_root(root, key, is_reg):
+            paths = list_images(subset.dir)
+            if not paths:
+                empty.append(subset.dir)
+                continue
+            images += [scan_image(path, subset, caption_extension) for path in paths]
+            subsets.append(subset)
+    if not any(not s.is_reg for s in subsets):
+        raise LoralabError(
+            f"train_data_dir: no images in the concept folders of {train_dir}; put .png/.jpg/.jpeg/.webp/.bmp files "
+            f"in its <repeats>_<name>/ folders"
+        )
+    reg_path = Path(reg_dir) if reg_dir else None
+    return ScannedDataset(Path(train_dir), reg_path, caption_extension, subsets, images, empty)

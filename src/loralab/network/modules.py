@@ -1,0 +1,194 @@
+"""The LoRA / LoCon module (`LoRAModule`) and its rules: alpha scale, module / network / rank dropout.
+
+One module is kohya-ss sd-scripts' `networks.lora.LoRAModule` (research/kohya.md §4.3), written anew:
+y = W x + multiplier * scale * up(down(x)), with `scale = alpha / dim`; on a Linear, down is [r, in] and
+up [out, r]; on a Conv2d, down keeps the wrapped conv's kernel and up is 1x1 (LoCon).
+
+The module hooks the model by replacing the wrapped module's `forward` (the original module stays in the
+model, so its weights, state dict and names are unchanged); the LoRA parameters live only in the network.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------- guide terms
+
+
+def alpha_scale(alpha: float | None, dim: int) -> float:
+    """alpha scale: the LoRA output is multiplied by `scale = alpha / dim`.
+
+    An alpha of None or 0 means alpha = dim (scale 1), as in kohya's `LoRAModule` and in every loader.
+    """
+    return float(effective_alpha(alpha, dim)) / dim
+
+
+def effective_alpha(alpha: float | None, dim: int) -> float:
+    """The alpha a module stores: `alpha`, or `dim` when alpha is None or 0."""
+    return float(dim) if alpha is None or float(alpha) == 0.0 else float(alpha)
+
+
+def module_dropout(p: float | None, training: bool) -> bool:
+    """module_dropout (kohya network_args): in training, skip the whole LoRA module with probability p.
+
+    Returns True when the module is skipped this call: `training and p and rand() < p`. The base output is
+    then returned unchanged (no rescaling of the kept calls).
+    """
+    return bool(p) and training and torch.rand(1).item() < p
+
+
+def network_dropout(lx: torch.Tensor, p: float | None, training: bool) -> torch.Tensor:
+    """network_dropout (`--network_dropout`): standard dropout on the rank activations `lora_down(x)`.
+
+    `lx = F.dropout(lx, p)` in training (kept values scaled by 1/(1-p)); identity in eval.
+    """
+    if p and training:
+        return F.dropout(lx, p=p, training=True)
+    return lx
+
+
+def rank_dropout(lx: torch.Tensor, p: float | None, training: bool, conv: bool) -> tuple[torch.Tensor, float]:
+    """rank_dropout (kohya network_args): drop whole ranks per sample, in training.
+
+    mask ~ Bernoulli(1-p) of shape [batch, rank] (`rand(B, r) > p`), broadcast over tokens (Linear, rank on
+    the last axis) or over H, W (conv, rank on axis 1); `lx *= mask` and the scale factor is 1/(1-p), as if
+    the rank were smaller. Returns (lx, factor); factor is 1.0 when nothing is dropped.
+    """
+    if not (p and training):
+        return lx, 1.0
+    rank = lx.shape[1] if conv else lx.shape[-1]
+    mask = torch.rand((lx.shape[0], rank), device=lx.device) > p
+    if conv:
+        mask = mask.view(lx.shape[0], rank, *([1] * (lx.dim() - 2)))
+    else:
+        mask = mask.view(lx.shape[0], *([1] * (lx.dim() - 2)), rank)
+    return lx * mask.to(lx.dtype), 1.0 / (1.0 - p)
+
+
+# ---------------------------------------------------------------------------------------- one module
+
+
+class LoRAModule(nn.Module):
+    """A LoRA on one `nn.Linear` or `nn.Conv2d`: y = W x + multiplier * scale * up(down(x)).
+
+    Linear: down = Linear(in, r), up = Linear(r, out). Conv2d: down keeps the wrapped conv's kernel,
+    stride, padding and dilation, up is 1x1. Init as kohya: kaiming_uniform(a=sqrt(5)) on down, zeros on up,
+    so the network starts as the identity.
+    """
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        dim: int,
+        alpha: float | None = None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"{lora_name}: LoRA wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
+        if int(dim) < 1:
+            raise ValueError(f"{lora_name}: LoRA dim must be >= 1, got {dim}")
+        self.lora_name = lora_name
+        self.lora_dim = int(dim)
+        self.is_conv = isinstance(org_module, nn.Conv2d)
+        if self.is_conv:
+            if org_module.groups != 1:
+                raise ValueError(f"{lora_name}: grouped convolutions are not supported")
+            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
+                                       org_module.stride, org_module.padding, org_module.dilation, bias=False)
+            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, 1, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False)
+            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(effective_alpha(alpha, self.lora_dim), dtype=torch.float32))
+        self.scale = alpha_scale(alpha, self.lora_dim)
+        self.multiplier = float(multiplier)
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        # The wrapped module is kept outside nn.Module's registry, so that it is neither saved in the
+        # network's state dict nor moved / cast with the network.
+        object.__setattr__(self, "org_module", org_module)
+        self._org_forward: Any = None
+        self._had_instance_forward = False
+
+    @property
+    def is_conv3x3(self) -> bool:
+        """True for a conv whose kernel is not 1x1 (these get conv_dim / conv_alpha)."""
+        return self.is_conv and tuple(self.lora_down.kernel_size) != (1, 1)
+
+    def set_alpha(self, alpha: float | None) -> None:
+        """Set alpha (None/0 -> dim) and the scale alpha/dim that goes with it."""
+        self.alpha.fill_(effective_alpha(alpha, self.lora_dim))
+        self.scale = alpha_scale(alpha, self.lora_dim)
+
+    # ------------------------------------------------------------------ hooking
+    @property
+    def applied(self) -> bool:
+        return self._org_forward is not None
+
+    def apply_to(self) -> None:
+        """Route the wrapped module's forward through this LoRA (idempotent)."""
+        if self.applied:
+            return
+        org = self.org_module
+        self._had_instance_forward = "forward" in org.__dict__
+        self._org_forward = org.forward
+        org.forward = self.forward
+
+    def restore(self) -> None:
+        """Give the wrapped module its own forward back."""
+        if not self.applied:
+            return
+        org = self.org_module
+        if org.__dict__.get("forward") != self.forward:
+            raise RuntimeError(f"{self.lora_name}: the module's forward was replaced by someone else; not restoring")
+        if self._had_instance_forward:
+            org.forward = self._org_forward
+        else:
+            del org.forward
+        self._org_forward = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """kohya's LoRAModule.forward (kohya.md §4.3); the dropouts act only in training mode."""
+        y = self._org_forward(x, *args, **kwargs)
+        if module_dropout(self.module_dropout, self.training):
+            return y
+        if x.dtype != self.lora_down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)  # under autocast the Linear casts by itself: no extra kernel
+        lx = self.lora_down(x)
+        lx = network_dropout(lx, self.dropout, self.training)
+        lx, factor = rank_dropout(lx, self.rank_dropout, self.training, conv=self.is_conv)
+        lx = self.lora_up(lx)
+        return y + (lx * (self.multiplier * self.scale * factor)).to(y.dtype)
+
+    # ------------------------------------------------------------------ merged weight
+    def merge_weight(self) -> torch.Tensor:
+        """ΔW = scale · up ∘ down in the wrapped weight's shape (without the multiplier).
+
+        Linear: up @ down. 1x1 conv: the squeezed product, unsqueezed back to [out, in, 1, 1].
+        kxk conv: conv2d(down.permute(1,0,2,3), up).permute(1,0,2,3) -> [out, in, k, k].
+        """
+        down, up = self.lora_down.weight, self.lora_up.weight
+        if down.dim() == 2:
+            w = up @ down
+        elif tuple(down.shape[2:]) == (1, 1):
+            w = (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+        else:
+            w = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        return w * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{self.lora_name}, dim={self.lora_dim}, alpha={float(self.alpha):g}"

@@ -1,0 +1,126 @@
+"""Callbacks: what happens around the training steps without being part of them.
+
+`fit` calls each callback's hooks in order: the recipe's callbacks first (by default the config's save
+and sample cadence below), then the caller's. A callback receives the `Run`: it may read anything,
+log a figure (`run.log.validation(...)`, `run.log.event(...)`), or end the run cleanly with
+`run.stop("why")` (the final file is then saved as at a normal end).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from loralab.train.run import Run, encode_prompts
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    def on_train_start(self, run: Run) -> None:
+        """Models ready, just before the first step."""
+
+    def on_step_end(self, run: Run) -> None:
+        """After each optimizer step (run.global_step already counts it)."""
+
+    def on_epoch_end(self, run: Run) -> None:
+        """After each epoch (run.epoch is the 0-based epoch just finished)."""
+
+    def on_train_end(self, run: Run) -> None:
+        """After the last step, or after a stop."""
+
+
+def save_network(run: Run, path: Path, epoch: int) -> None:
+    """Write the LoRA file (kohya format, `ss_*` metadata, the recipe's extra tensors) on the main process."""
+    from loralab.train.metadata import build_metadata
+
+    if not run.is_main:
+        return
+    md = build_metadata(run.cfg, run.info, epoch=epoch, step=run.global_step, final=path.stem == run.cfg.output_name)
+    md.update(run.recipe.extra_metadata(run))
+    run.network.save(path, run.save_dtype, md, extra=run.recipe.extra_tensors(run))
+    run.saved.append(path)
+    log.info("saved %s", path)
+
+
+def save_training_state(run: Run, name: str, epoch: int, batch_in_epoch: int) -> None:
+    """Write a state folder that `resume` continues exactly (epoch = epochs finished)."""
+    from loralab.train.state import TrainCounters, save_state
+
+    if not run.is_main:
+        return
+    counters = TrainCounters(epoch=epoch, global_step=run.global_step, batch_in_epoch=batch_in_epoch,
+                             seed=run.cfg.seed, max_train_steps=run.max_steps, log_state=run.log.state_dict())
+    save_state(run.out_dir / name, network_sd=run.network.state_dict(), optimizer=run.optimizer,
+               scheduler=run.lr_scheduler, scaler=run.scaler, counters=counters)
+
+
+class SaveCheckpoints(Callback):
+    """kohya's save cadence: `<name>-stepNNNNNNNN` every save_every_n_steps, `<name>-NNNNNN` every
+    save_every_n_epochs (not for the last epoch: that is the final `<name>.safetensors`), each with a
+    `-state` folder when save_state; the final file (and state with save_state(_on_train_end)) at the end."""
+
+    def on_step_end(self, run: Run) -> None:
+        cfg = run.cfg
+        if cfg.save_every_n_steps and run.global_step % cfg.save_every_n_steps == 0 and run.global_step < run.max_steps:
+            stem = f"{cfg.output_name}-step{run.global_step:08d}"
+            run.last_good = run.out_dir / f"{stem}.safetensors"
+            save_network(run, run.last_good, run.epoch + 1)
+            if cfg.save_state:
+                save_training_state(run, f"{stem}-state", run.epoch, run.batch_in_epoch)
+
+    def on_epoch_end(self, run: Run) -> None:
+        cfg, ep = run.cfg, run.epoch + 1
+        if cfg.save_every_n_epochs and ep % cfg.save_every_n_epochs == 0 and not run.finished():
+            run.last_good = run.out_dir / f"{cfg.output_name}-{ep:06d}.safetensors"
+            save_network(run, run.last_good, ep)
+            if cfg.save_state:
+                save_training_state(run, f"{cfg.output_name}-{ep:06d}-state", ep, 0)
+
+    def on_train_end(self, run: Run) -> None:
+        cfg = run.cfg
+        run.final_file = run.out_dir / f"{cfg.output_name}.safetensors"
+        save_network(run, run.final_file, run.epoch + 1)
+        if cfg.save_state or cfg.save_state_on_train_end:
+            save_training_state(run, f"{cfg.output_name}-state", run.epoch + 1, 0)
+
+
+class SampleImages(Callback):
+    """kohya's sample cadence: before training (sample_at_first), every sample_every_n_steps (unless
+    sample_every_n_epochs is set), every sample_every_n_epochs; images in `<output_dir>/sample/`."""
+
+    def on_train_start(self, run: Run) -> None:
+        if run.cfg.sample_at_first and not run.cfg.resume:
+            sample(run, f"{run.cfg.output_name}_e{0:06d}")
+
+    def on_step_end(self, run: Run) -> None:
+        cfg = run.cfg
+        if cfg.sample_every_n_steps and run.global_step % cfg.sample_every_n_steps == 0 and not cfg.sample_every_n_epochs:
+            sample(run, f"{cfg.output_name}_{run.global_step:06d}")
+
+    def on_epoch_end(self, run: Run) -> None:
+        ep = run.epoch + 1
+        if run.cfg.sample_every_n_epochs and ep % run.cfg.sample_every_n_epochs == 0:
+            sample(run, f"{run.cfg.output_name}_e{ep:06d}")
+
+
+def sample(run: Run, stem: str) -> None:
+    """Draw the sample prompts with the network applied (main process only); RNG state is kept."""
+    from loralab.models.text import unet_text_conditioning
+    from loralab.train.sampling import generate_samples
+
+    if not (run.is_main and run.prompts):
+        return
+    model, dtype = run.model, run.weight_dtype
+
+    def conditioning(texts: list[str]):
+        hidden, added = unet_text_conditioning(model.family, encode_prompts(run, texts))
+        return hidden.to(dtype), added
+
+    files = generate_samples(unet=model.unet, vae=model.vae, vae_scaling_factor=model.vae_scaling_factor,
+                             encode_prompt=conditioning, scheduler_config=dict(run.noise_scheduler.config),
+                             prompts=run.prompts, out_dir=run.out_dir / "sample", file_stem=stem, device=run.device,
+                             dtype=dtype, default_seed=run.cfg.seed, v_parameterization=model.v_parameterization,
+                             sampler=run.cfg.sample_sampler or ("euler_a" if run.sdxl else "ddim"),
+                             eval_modules=[run.network])
+    run.samples.extend(files)

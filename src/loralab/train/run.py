@@ -1,0 +1,368 @@
+"""`prepare(cfg, recipe) -> Run`: everything a training run needs, built by small named functions.
+
+The order is part of the behaviour: the global torch seed is set once at the start, and the LoRA
+initialisation and the VAE's latent sampling draw from it, so `prepare` always runs the same steps in
+the same order: device, data (before any model loads, so data errors come first), steps, model,
+network, optimizer, caches, resume, outputs. A recipe that needs other parts (a slider has no image
+dataset) writes its own `prepare` from the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from loralab.config import TrainConfig
+from loralab.errors import LoralabError
+
+if TYPE_CHECKING:
+    from loralab.train.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What a training run holds. Built by `prepare`; `fit` advances the counters at the bottom."""
+    cfg: TrainConfig
+    recipe: Any = None
+    accelerator: Any = None
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world: int = 1
+    out_dir: Path = Path(".")
+    started_at: float = 0.0
+    # data
+    subsets: list = field(default_factory=list)
+    dataset: Any = None
+    caption_opts: Any = None
+    prompts: list = field(default_factory=list)  # sample prompts
+    # step counts
+    accum: int = 1
+    batches_per_proc: int = 0
+    steps_per_epoch: int = 0
+    num_epochs: int = 0
+    max_steps: int = 0
+    # model and network
+    model: Any = None
+    weight_dtype: torch.dtype = torch.float32
+    noise_scheduler: Any = None
+    network: Any = None
+    train_unet: bool = True
+    train_te: bool = True
+    # optimisation
+    optimizer: Any = None
+    optimizer_desc: str = ""
+    lr_scheduler: Any = None
+    scaler: Any = None
+    params: list = field(default_factory=list)
+    # caches
+    latent_cache: Any = None
+    te_cache: Any = None
+    # outputs
+    info: Any = None  # metadata.RunInfo
+    save_dtype: torch.dtype = torch.float16
+    log: Any = None  # logs.TrainLog
+    resumed_from: Any = None  # state.TrainCounters
+    saved: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    final_file: Path | None = None
+    last_good: Path | None = None
+    # counters
+    epoch: int = 0
+    global_step: int = 0
+    skip_batches: int = 0  # batches of the first epoch already done (resume inside an epoch)
+    batch_in_epoch: int = 0  # batches of this epoch consumed by this process
+    losses: list[float] = field(default_factory=list)
+    last_loss: float = float("nan")
+    stop_reason: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sdxl(self) -> bool:
+        return self.model is not None and self.model.family == "sdxl"
+
+    def stop(self, reason: str) -> None:
+        """Ask `fit` to end the run cleanly after the current step (or epoch): the final file is saved."""
+        self.stop_reason = reason
+
+    def finished(self) -> bool:
+        """The training is over: all steps done, the last epoch done, or a stop was asked for."""
+        return self.global_step >= self.max_steps or self.epoch + 1 >= self.num_epochs or bool(self.stop_reason)
+
+    def autocast(self):
+        return autocast_for(self.device, self.weight_dtype)
+
+
+def prepare(cfg: TrainConfig, recipe: Recipe) -> Run:
+    """Build a run for `recipe` from the config (see the module docstring for the order)."""
+    run = Run(cfg=cfg, recipe=recipe, started_at=time.time())
+    setup_device(run)
+    torch.manual_seed(cfg.seed)
+    setup_dataset(run)
+    count_steps(run, run.dataset.num_batches_per_epoch)
+    load_model(run)
+    setup_network(run)
+    setup_optimizer(run, recipe.param_groups(run))
+    cache_latents(run)
+    cache_text_encoder_outputs(run)
+    resume(run)
+    setup_outputs(run)
+    return run
+
+
+def pick_device(name: str) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_device(run: Run) -> None:
+    """The device, and the process's place under `accelerate launch` (rank, world size)."""
+    from accelerate import Accelerator
+
+    run.device = pick_device(run.cfg.device)
+    run.accelerator = Accelerator(cpu=run.device.type == "cpu")
+    if run.accelerator.num_processes > 1:
+        run.device = run.accelerator.device
+    run.rank, run.world = run.accelerator.process_index, run.accelerator.num_processes
+    run.out_dir = Path(run.cfg.output_dir)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def setup_dataset(run: Run) -> None:
+    """The kohya folder dataset (repeats, reg images, buckets), caption options and sample prompts."""
+    from loralab.data.dataset import FolderDataset, scan_folder_dataset
+    from loralab.models.loader import peek_family
+    from loralab.train.sampling import parse_prompt_file
+
+    cfg = run.cfg
+    family_hint = peek_family(cfg.pretrained_model_name_or_path)  # from the key names, for the bucket-step check
+    run.subsets = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None,
+                                      caption_extension=cfg.caption_extension, enable_wildcard=cfg.enable_wildcard)
+    run.dataset = FolderDataset(run.subsets, batch_size=cfg.train_batch_size,
+                                required_reso_steps=32 if family_hint == "sdxl" else 64, **cfg.bucket_options())
+    run.caption_opts = cfg.caption_options()
+    run.prompts = parse_prompt_file(cfg.sample_prompts) if cfg.sample_prompts else []
+
+
+def count_steps(run: Run, batches_per_epoch: int) -> None:
+    """Steps per epoch, epochs and total steps: each process takes ceil(batches / processes) batches an
+    epoch and makes an optimizer step every `gradient_accumulation_steps` of them; max_train_epochs
+    overrides max_train_steps (kohya)."""
+    cfg = run.cfg
+    run.accum = cfg.gradient_accumulation_steps
+    run.batches_per_proc = math.ceil(batches_per_epoch / run.world)
+    run.steps_per_epoch = math.ceil(run.batches_per_proc / run.accum)
+    if cfg.max_train_epochs > 0:
+        run.num_epochs = cfg.max_train_epochs
+        run.max_steps = run.num_epochs * run.steps_per_epoch
+    else:
+        run.max_steps = cfg.max_train_steps
+        run.num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
+    if run.is_main and run.dataset is not None:
+        d = run.dataset
+        log.info("dataset: %d train images (x repeats), %d reg images, %d batches/epoch, %d steps/epoch, %d epochs, "
+                 "%d steps", d.num_train_images, d.num_reg_images, batches_per_epoch, run.steps_per_epoch,
+                 run.num_epochs, run.max_steps)
+
+
+def load_model(run: Run) -> None:
+    """The frozen base model on the device: UNet in the compute dtype (float8 storage with fp8_base), the
+    VAE in fp32 (kohya's no_half_vae), the text encoders in fp32 when their LoRA trains."""
+    from loralab.models.fp8 import check_fp8_supported, store_fp8
+    from loralab.models.loader import load_base_model
+
+    cfg = run.cfg
+    model = load_base_model(cfg.pretrained_model_name_or_path, vae=cfg.vae or None,
+                            v_parameterization=cfg.v_parameterization or None)
+    run.model = model
+    if run.sdxl and cfg.clip_skip > 1:
+        log.warning("clip_skip = %d is ignored for SDXL (it always uses the penultimate layers, as kohya)", cfg.clip_skip)
+    run.noise_scheduler = model.noise_scheduler()
+    run.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    for m in (model.unet, model.vae, *model.text_encoders):
+        m.requires_grad_(False)
+        m.eval()
+    move_frozen(model.vae, run.device, torch.float32)
+    run.train_unet = not cfg.network_train_text_encoder_only
+    run.train_te = cfg.trains_text_encoder()
+    move_frozen(model.unet, run.device, run.weight_dtype)
+    if cfg.fp8_base:  # before the LoRA hooks wrap the layers' forward
+        check_fp8_supported(run.device, run.weight_dtype)
+        store_fp8(model.unet, compute_dtype=run.weight_dtype)
+    for te in model.text_encoders:
+        move_frozen(te, run.device, run.weight_dtype if not run.train_te else torch.float32)
+
+
+def setup_network(run: Run) -> None:
+    """The LoRA network (new, or continued from network_weights), hooked into the models, in fp32."""
+    from loralab.network.lora import LoRANetwork
+
+    cfg, model = run.cfg, run.model
+    net_cfg = cfg.network_config(train_unet=run.train_unet)
+    if cfg.network_weights:
+        network = LoRANetwork.from_weights(cfg.network_weights, model.unet, model.text_encoders, model.family,
+                                           cfg=net_cfg)
+    else:
+        network = LoRANetwork.create(model.unet, model.text_encoders, model.family, net_cfg)
+    network.apply_to()
+    network.to(run.device, dtype=torch.float32)
+    run.network = network
+    if not run.train_te:
+        log.warning("the text-encoder LoRA is not trained (%s)",
+                    "network_train_unet_only" if cfg.network_train_unet_only else "text_encoder_lr = 0")
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.unet.train()
+        for te in model.text_encoders if run.train_te else []:
+            if hasattr(te, "gradient_checkpointing_enable"):
+                te.gradient_checkpointing_enable()
+                te.train()
+
+
+def lora_param_groups(run: Run) -> list[dict]:
+    """The network's parameter groups with kohya's learning rates: unet_lr / text_encoder_lr, falling back
+    to learning_rate; a side that is not trained gets none."""
+    cfg = run.cfg
+    unet_lr = cfg.unet_lr if cfg.unet_lr >= 0 else None
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr >= 0 else None
+    return run.network.param_groups(unet_lr=unet_lr if run.train_unet else 0,
+                                    text_encoder_lr=te_lr if run.train_te else 0, learning_rate=cfg.learning_rate)
+
+
+def setup_optimizer(run: Run, groups: list[dict]) -> None:
+    """Optimizer, LR schedule (over max_steps) and, for fp16, the loss scaler."""
+    from loralab.train.optim import create_optimizer, create_scheduler, parse_optimizer_args, resolve_warmup_steps
+
+    cfg = run.cfg
+    run.params = [p for g in groups for p in g["params"]]
+    if not run.params:
+        raise LoralabError("nothing to train: both the UNet and the text-encoder LoRA are switched off")
+    run.optimizer, run.optimizer_desc = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
+                                                         parse_optimizer_args(cfg.optimizer_args))
+    run.lr_scheduler = create_scheduler(cfg.lr_scheduler, run.optimizer,
+                                        warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps, run.max_steps),
+                                        total_steps=run.max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
+                                        power=cfg.lr_scheduler_power, initial_lr=cfg.learning_rate)
+    run.scaler = torch.amp.GradScaler(run.device.type) if cfg.mixed_precision == "fp16" else None
+
+
+def encode_images(run: Run, images: torch.Tensor) -> torch.Tensor:
+    """VAE latents of images in [-1, 1], sampled from the posterior and scaled (the global RNG draws)."""
+    with torch.no_grad():
+        dist = run.model.vae.encode(images.to(run.device, torch.float32)).latent_dist
+        return dist.sample() * run.model.vae_scaling_factor
+
+
+def cache_latents(run: Run) -> None:
+    """cache_latents(_to_disk): every image (and its flip) encoded once, in memory or next to the image."""
+    from loralab.data.latents import cache_latents as build_cache
+
+    cfg = run.cfg
+    if not cfg.cache_latents:
+        return
+    vae_id = f"{Path(cfg.vae or cfg.pretrained_model_name_or_path).name}:{run.model.model_hash[:16]}"
+    run.latent_cache = build_cache(run.dataset.samples, lambda x: encode_images(run, x),
+                                   to_disk=cfg.cache_latents_to_disk, flip_aug=cfg.flip_aug, vae_id=vae_id,
+                                   batch_size=cfg.vae_batch_size, progress=run.is_main,
+                                   npz_suffix="_sdxl.npz" if run.sdxl else "_sd.npz")
+
+
+def encode_prompts(run: Run, texts: list[str]) -> tuple[torch.Tensor, ...]:
+    """The text encoders' outputs: (hidden,) for SD 1.x/2.x, (hidden1, hidden2, pool2) for SDXL."""
+    from loralab.models.text import encode_captions
+
+    m = run.model
+    return encode_captions(m.family, m.text_encoders, m.tokenizers, texts, max_token_length=run.cfg.max_token_length,
+                           clip_skip=run.cfg.clip_skip or None)
+
+
+def cache_text_encoder_outputs(run: Run) -> None:
+    """cache_text_encoder_outputs(_to_disk): each caption encoded once (config.validate allows it only for
+    frozen encoders and captions that do not change per step; a dropped caption uses the cached "")."""
+    from loralab.data.captions import process_caption
+    from loralab.data.text_encoder_cache import cache_text_encoder_outputs as build_cache
+    from loralab.data.text_encoder_cache import encoders_id, output_names
+
+    cfg, model = run.cfg, run.model
+    if not cfg.cache_text_encoder_outputs:
+        return
+    no_dropout = dataclasses.replace(run.caption_opts, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
+    items = [(s.entry.path, process_caption(s.entry.caption, no_dropout, epoch=1, rng=random.Random(0)))
+             for s in run.dataset.samples]
+    dropout = cfg.caption_dropout_rate > 0 or cfg.caption_dropout_every_n_epochs > 0
+    te_id = encoders_id(model_source=cfg.pretrained_model_name_or_path, model_hash=model.model_hash,
+                        network_weights=cfg.network_weights or None, max_token_length=cfg.max_token_length,
+                        dtype=run.weight_dtype, clip_skip=None if run.sdxl else cfg.clip_skip or None)
+    with run.autocast():
+        run.te_cache = build_cache(items, lambda texts: encode_prompts(run, texts), names=output_names(model.family),
+                                   to_disk=cfg.cache_text_encoder_outputs_to_disk, encoders=te_id,
+                                   extra_captions=[""] if dropout else [], batch_size=cfg.train_batch_size,
+                                   progress=run.is_main)
+    if run.device.type != "cpu" and not run.network.text_encoder_loras:  # needed again only for sample prompts
+        for te in model.text_encoders:
+            te.to("cpu", dtype=torch.float32)
+
+
+def resume(run: Run) -> None:
+    """`resume`: network, optimizer, scheduler and scaler from a state folder; the counters continue."""
+    from loralab.train.state import load_counters, load_state
+
+    cfg = run.cfg
+    if not cfg.resume:
+        return
+    counters = load_counters(cfg.resume)
+    sd = load_state(cfg.resume, optimizer=run.optimizer, scheduler=run.lr_scheduler, scaler=run.scaler)
+    run.network.load_weights(sd)
+    run.epoch, run.global_step, run.skip_batches = counters.epoch, counters.global_step, counters.batch_in_epoch
+    run.resumed_from = counters
+    log.info("resumed from %s: epoch %d, step %d", cfg.resume, run.epoch, run.global_step)
+
+
+def setup_outputs(run: Run) -> None:
+    """What the saved files' metadata needs (RunInfo), their dtype, and the train log."""
+    from loralab.data.dataset import dataset_dirs, tag_frequency
+    from loralab.train.logs import TrainLog
+    from loralab.train.metadata import RunInfo
+
+    cfg, model, d = run.cfg, run.model, run.dataset
+    run.info = RunInfo(
+        session_id=random.Random(cfg.seed).randint(0, 2**32), started_at=run.started_at, family=model.family,
+        v_parameterization=model.v_parameterization, model_name=Path(cfg.pretrained_model_name_or_path).name,
+        model_hash=model.model_hash, vae_name=Path(cfg.vae).name if cfg.vae else "",
+        num_train_images=d.num_train_images if d else 0, num_reg_images=d.num_reg_images if d else 0,
+        num_batches_per_epoch=d.num_batches_per_epoch if d else run.batches_per_proc, num_epochs=run.num_epochs,
+        max_train_steps=run.max_steps, optimizer_desc=run.optimizer_desc, tag_frequency=tag_frequency(run.subsets),
+        dataset_dirs=dataset_dirs(run.subsets, reg=False), reg_dataset_dirs=dataset_dirs(run.subsets, reg=True),
+        bucket_info=d.bucket_info() if d is not None and cfg.enable_bucket else None,
+        network_args=cfg.network_options())
+    run.save_dtype = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+                      "bf16": torch.bfloat16}[cfg.save_precision]
+    run.log = TrainLog(run.out_dir, logging_dir=cfg.logging_dir or None, log_prefix=cfg.log_prefix, enabled=run.is_main)
+    if run.resumed_from is not None and run.resumed_from.log_state:
+        run.log.load_state_dict(run.resumed_from.log_state)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """torch.autocast for mixed precision (fp16/bf16); a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def move_frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen model; cast only when the dtype changes (diffusers warns on every cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)

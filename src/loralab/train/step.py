@@ -1,0 +1,139 @@
+"""One training step: the diffusion loss of a batch, then the optimizer step.
+
+Randomness: every random draw of a step (caption shuffle and dropout, flips, noise, timesteps, LoRA
+dropouts, VAE sampling) comes from generators seeded by `step_seed(seed, global step, micro-batch,
+process)`, so a run resumed from a state folder continues exactly as the straight run would have, and
+two runs with the same config give the same weights.
+
+Model families: SD 1.x / 2.x and SDXL go through the same step. SDXL differs only where the model does:
+two text encoders, their joined hidden states plus a pooled embedding (`models/text.py`), and each
+image's size/crop micro-conditioning (`models/sdxl.py`), handed to the UNet as `added_cond_kwargs`.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from loralab.errors import LoralabError
+from loralab.train.run import Run, encode_images, encode_prompts
+
+
+def step_seed(seed: int, global_step: int, micro: int, rank: int) -> int:
+    """Seed of one micro-batch's random draws: a function of the counters only (so resume is exact)."""
+    return (seed * 1_000_003 + global_step * 9_973 + micro * 101 + rank * 7 + 12_345) % (2**63 - 1)
+
+
+def batch_latents(run: Run, batch: list, flips: list[bool]) -> torch.Tensor:
+    """The batch's latents: from the latent cache, or the images encoded now."""
+    from loralab.data.images import prepare_image
+
+    if run.latent_cache is not None:
+        return torch.stack([run.latent_cache.get(s, flipped=f) for s, f in zip(batch, flips)]).to(run.device)
+    images = torch.stack([prepare_image(s.entry.path, s.choice, flip=f) for s, f in zip(batch, flips)])
+    return encode_images(run, images)
+
+
+def text_conditioning(run: Run, captions: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The UNet's encoder_hidden_states and added_cond_kwargs (SDXL: text_embeds) for captions."""
+    from loralab.models.text import unet_text_conditioning
+
+    outputs = run.te_cache.get(captions, run.device) if run.te_cache is not None else encode_prompts(run, captions)
+    hidden, added = unet_text_conditioning(run.model.family, outputs)
+    return hidden.to(run.device), {k: v.to(run.device) for k, v in added.items()}
+
+
+def trains_text_encoder_now(run: Run) -> bool:
+    """The text-encoder LoRA gets gradients this step: it is trained and stop_text_encoder_training has
+    not been reached (kohya: 0 = never stop)."""
+    stop = run.cfg.stop_text_encoder_training
+    return run.train_te and (stop == 0 or run.global_step < stop)
+
+
+def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.Generator) -> torch.Tensor:
+    """The weighted diffusion loss of one batch of dataset samples (a scalar):
+
+        captions (kohya's pipeline) and flips → latents → text conditioning (+ SDXL size/crop ids)
+        → noise, timesteps, noisy latents → UNet → target (ε or v) → per-sample loss
+        (reg images × prior_loss_weight, min-SNR weight) → mean.
+    """
+    from loralab.data.captions import process_caption
+    from loralab.models.sdxl import batch_time_ids
+    from loralab.train import noise as N
+
+    cfg, model, dtype = run.cfg, run.model, run.weight_dtype
+    captions = [process_caption(s.entry.caption, run.caption_opts, epoch=run.epoch + 1, rng=rng,
+                                step=run.global_step, max_train_steps=run.max_steps) for s in batch]
+    flips = [cfg.flip_aug and rng.random() < 0.5 for _ in batch]
+    latents = batch_latents(run, batch, flips)
+    with torch.set_grad_enabled(trains_text_encoder_now(run)), run.autocast():
+        cond, added = text_conditioning(run, captions)
+    if run.sdxl:  # each image's original size, crop and target size (kohya's micro-conditioning)
+        added["time_ids"] = batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch], flips,
+                                           run.device)
+    noise, noisy, timesteps = N.make_noisy_latents(latents, run.noise_scheduler, **cfg.noise_options(),
+                                                   generator=generator)
+    with run.autocast():
+        pred = model.unet(noisy.to(dtype), timesteps, cond.to(dtype), added_cond_kwargs=added or None).sample
+    target = N.training_target(run.noise_scheduler, latents, noise, timesteps, model.v_parameterization)
+    weights = N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight).to(run.device)
+    loss = N.loss_per_sample(pred.float(), target.float(), loss_weights=weights, timesteps=timesteps,
+                             scheduler=run.noise_scheduler, min_snr_gamma=cfg.min_snr_gamma or None,
+                             v_parameterization=model.v_parameterization)
+    return loss.mean()
+
+
+def nan_guard(run: Run, loss: torch.Tensor) -> None:
+    """Stop with advice when the loss is not finite; the files saved so far stay."""
+    if torch.isfinite(loss):
+        return
+    run.log.event("nan", step=run.global_step, epoch=run.epoch + 1)
+    run.log.close()
+    kept = f" The last good file is {run.last_good}." if run.last_good else " No LoRA file was saved before it."
+    raise LoralabError(
+        f"the loss became NaN at step {run.global_step + 1} (epoch {run.epoch + 1}); training stopped.{kept} "
+        "Try a lower learning_rate (or unet_lr/text_encoder_lr), mixed_precision = \"bf16\" instead of "
+        "\"fp16\", max_grad_norm = 1.0, or check the images for broken files.")
+
+
+def backward(run: Run, loss: torch.Tensor) -> None:
+    """Accumulate this micro-batch's gradients (loss / accumulation steps; scaled for fp16)."""
+    scaled = loss / run.accum
+    (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+
+
+def optimizer_step(run: Run) -> tuple[int, float, float] | None:
+    """Average gradients over processes, unscale, clip (max_grad_norm), step the optimizer and the LR
+    schedule, clear the gradients, then apply max-norm (scale_weight_norms). Returns the max-norm
+    statistics (keys scaled, mean norm, max norm) or None."""
+    cfg, opt = run.cfg, run.optimizer
+    if run.world > 1:
+        all_reduce_grads(run.params, run.world)
+    if run.scaler:
+        run.scaler.unscale_(opt)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    if run.scaler:
+        run.scaler.step(opt)
+        run.scaler.update()
+    else:
+        opt.step()
+    run.lr_scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    return run.network.max_norm(cfg.scale_weight_norms) if cfg.scale_weight_norms > 0 else None
+
+
+def all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average the trained parameters' gradients over processes (one flat all-reduce)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
