@@ -59,11 +59,42 @@ def test_prompt_sets_keep_test_and_training_apart(tmp_path):
     assert D.class_prompts(150) == reg  # fixed seeds
 
 
+def test_lab_model_samples_through_the_one_sampler(monkeypatch, one_thread):
+    """`LabModel.generate` draws with `loralab.train.sampling.denoise` (one batch per image size, CFG batch
+    [negatives, positives]) and the lab's DDIM schedule; image i's noise is seeded seed + item.seed + i, so an
+    image does not depend on the others."""
+    import loralab.train.sampling as S
+    from loralab.lab.model import SCHEDULER_CONFIG, LabModel
+
+    calls = []
+    denoise = S.denoise
+
+    def spy(**kw):
+        calls.append((kw["cond"].shape[0], tuple(kw["noise"].shape), kw["sampler"].config.steps_offset))
+        return denoise(**kw)
+
+    monkeypatch.setattr(S, "denoise", spy)
+    model = LabModel.load("cpu")
+    items = [W.WorldItem("circle", "red", "blue", "large", 32, 32, seed=3),
+             W.WorldItem("square", "white", "gray", "small", 48, 32, seed=5),
+             W.WorldItem("triangle", "green", "black", "small", 32, 32, seed=8)]
+    prompts = [it.caption() for it in items]
+    imgs = model.generate(items, prompts, steps=3, cfg=7.5, seed=1)
+    assert [tuple(im.shape) for im in imgs] == [(3, 32, 32), (3, 32, 48), (3, 32, 32)]
+    assert all(im.min() >= 0 and im.max() <= 255 and torch.equal(im, im.round()) for im in imgs)
+    offset = SCHEDULER_CONFIG["steps_offset"]
+    assert sorted(calls) == [(2, (1, 4, 8, 12), offset), (4, (2, 4, 8, 8), offset)]  # latents (h/4, w/4)
+    alone = model.generate(items[1:2], prompts[1:2], steps=3, cfg=7.5, seed=2)  # same noise: 1 + 5 + 1 = 2 + 5 + 0
+    assert (alone[0] - imgs[1]).abs().max() <= 1
+    alone = model.generate(items[2:], prompts[2:], steps=3, cfg=7.5, seed=3)  # 1 + 8 + 2 = 3 + 8 + 0, batch of 1
+    assert (alone[0] - imgs[2]).abs().max() <= 1
+
+
 def test_short_lora_learns_the_new_shape(tmp_path, one_thread):
     """~120 steps of UNet-only LoRA on 15 ring images: prompts with the tag turn into rings."""
     from loralab.lab.evaluator import Evaluator
-    from loralab.lab.pack import evaluator_path
-    from loralab.train.loop import train
+    from loralab.lab.model import evaluator_path
+    from loralab.recipes.lora import train
 
     folder = W.write_kohya_dataset(tmp_path / "data", tag=D.TAG, n=15, repeats=10, seed=0)
     recipe = D.DemoRecipe(max_train_epochs=3, unet_lr=2e-3, seed=0)

@@ -128,3 +128,23 @@ def test_kohya_dataset_writer(tmp_path):
     assert sizes == set(W.DEFAULT_IMAGE_SIZES)
     again = W.write_kohya_dataset(tmp_path / "b", shape="ring", tag="olis", n=9, repeats=10, seed=3)
     assert [p.read_bytes() for p in sorted(again.iterdir())] == [p.read_bytes() for p in sorted(folder.iterdir())]
+
+
+def test_lab_build_tools_live_outside_the_package():
+    """The base model's training script and packer are build tools in tools/lab/ (they import loralab);
+    the installed package keeps only what runs: the world, the evaluator, the model's files, the demo."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loralab.lab.model import evaluator_path, lab_model_path
+
+    assert lab_model_path().is_file() and evaluator_path().is_file()
+    for name in ("train_base", "pack"):
+        assert importlib.util.find_spec(f"loralab.lab.{name}") is None
+    tools = Path(__file__).resolve().parents[1] / "tools" / "lab"
+    out = subprocess.run([sys.executable, str(tools / "train_base.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--budget-s" in out.stdout, out.stderr
+

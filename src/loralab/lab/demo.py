@@ -14,10 +14,11 @@ The recipe, top to bottom (`run_demo`):
    of shapes is its six trained shapes, so the reg prompts are base captions of the six shapes
    (``"red circle, blue background, small"``) over the (shape, colour, background) triples the base was
    trained on. The held-out triples, on which prior preservation is measured, are never among them.
-3. training through `loralab.train.loop.train` (the code path of a real checkpoint), saving every epoch:
+3. training through `loralab.recipes.lora.train` (the code path of a real checkpoint), saving every epoch:
    once with the reg images (the recommended recipe, `DemoRecipe`) and once without them.
 4. evaluation of every saved epoch (each LoRA file loaded back with `LoRANetwork.from_weights`), with the
-   lab evaluator (`loralab.lab.evaluator`), DDIM + CFG on fixed seeds:
+   lab evaluator (`loralab.lab.evaluator`), DDIM + CFG on fixed seeds, drawn by the one sampler of
+   `loralab.train.sampling` (`loralab.lab.model.LabModel.generate`; the reg images of step 2 as well):
    * concept rate: the share of prompts *with* the activation tag (colour/background pairs the dataset
      does not have) whose sample the evaluator reads as a ring; and how many follow the prompt's colour;
    * prior preservation: held-out base prompts *without* the tag, scored for shape, colour and
@@ -44,6 +45,7 @@ import torch
 from PIL import Image
 
 from loralab.lab import world as W
+from loralab.lab.model import LabModel, evaluator_path, lab_model_path
 
 log = logging.getLogger(__name__)
 
@@ -138,35 +140,7 @@ def dataset_pairs(folder: Path) -> set[tuple[str, str]]:
     return out
 
 
-# --------------------------------------------------------------------------------------------- model
-@dataclass
-class LabModel:
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    te: torch.nn.Module
-    tok: object
-    scaling: float
-    device: torch.device
-
-    @classmethod
-    def load(cls, device: str | torch.device) -> "LabModel":
-        from loralab.lab.pack import lab_model_path
-        from loralab.models.loader import load_base_model
-
-        device = torch.device(device)
-        m = load_base_model(str(lab_model_path()))
-        for mod in (m.unet, m.vae, m.text_encoders[0]):
-            mod.requires_grad_(False).eval().to(device)
-        return cls(m.unet, m.vae, m.text_encoders[0], m.tokenizers[0], m.vae_scaling_factor, device)
-
-    @torch.no_grad()
-    def generate(self, items: Sequence[W.WorldItem], prompts: Sequence[str], ev: DemoEval) -> list[torch.Tensor]:
-        from loralab.lab.train_base import generate
-
-        return generate(self.unet, self.vae, self.te, self.tok, self.scaling, items, ev.cfg, ev.ddim_steps,
-                        self.device, ev.seed, batch=256, prompts=prompts)
-
-
+# --------------------------------------------------------------------------------------------- reg images
 def write_reg_images(root: Path, model: LabModel, items: Sequence[W.WorldItem], ev: DemoEval,
                      class_name: str = CLASS_NAME) -> Path:
     """Reg images from the base model itself (same model, same image sizes, DDIM, fixed seeds) in kohya
@@ -176,7 +150,7 @@ def write_reg_images(root: Path, model: LabModel, items: Sequence[W.WorldItem], 
     folder = root / f"1_{class_name}"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = [it.caption() for it in items]
-    images = model.generate(items, prompts, ev)
+    images = model.generate(items, prompts, steps=ev.ddim_steps, cfg=ev.cfg, seed=ev.seed)
     for i, (img, text) in enumerate(zip(images, prompts)):
         pil = Image.fromarray(img.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
         atomic_write(folder / f"{i:04d}.png", lambda tmp, p=pil: p.save(tmp, format="png"))
@@ -188,7 +162,6 @@ def write_reg_images(root: Path, model: LabModel, items: Sequence[W.WorldItem], 
 def train_config(recipe: DemoRecipe, data_dir: Path, reg_dir: Path | None, out: Path, device: str):
     """The kohya-style config of one demo run."""
     from loralab.config import build_config
-    from loralab.lab.pack import lab_model_path
 
     keys = {
         "pretrained_model_name_or_path": str(lab_model_path()),
@@ -299,8 +272,10 @@ def evaluate_lora(model: LabModel, lora_file: Path | None, tag_items, base_items
         net.eval()
         net.apply_to()
     try:
-        tag_imgs = model.generate(tag_items, [it.caption(tag=TAG) for it in tag_items], ev)
-        base_imgs = model.generate(base_items, [it.caption() for it in base_items], ev)
+        tag_imgs = model.generate(tag_items, [it.caption(tag=TAG) for it in tag_items], steps=ev.ddim_steps,
+                                  cfg=ev.cfg, seed=ev.seed)
+        base_imgs = model.generate(base_items, [it.caption() for it in base_items], steps=ev.ddim_steps,
+                                   cfg=ev.cfg, seed=ev.seed)
     finally:
         if net is not None:
             net.restore()
@@ -312,7 +287,7 @@ def train_and_score(name: str, recipe: DemoRecipe, ev: DemoEval, data_dir: Path,
     """One training run through `train()`, then every saved epoch scored; `base_result` = the epoch-0
     (base model) score, images and predictions, shared by both runs."""
     from loralab.train.logs import read_train_log
-    from loralab.train.loop import train
+    from loralab.recipes.lora import train
 
     cfg = train_config(recipe, data_dir, reg_dir, out, device)
     t0 = time.perf_counter()
@@ -427,7 +402,6 @@ def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads
     min(concept / 80 %, retention / 90 %).
     """
     from loralab.lab.evaluator import Evaluator
-    from loralab.lab.pack import evaluator_path
     from loralab.train.logs import plot_loss, read_train_log
 
     t_start = time.perf_counter()
@@ -566,7 +540,7 @@ def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: 
           "below to measure prior preservation are never among them. (Tried as well: class prompts without "
           "the tag and without a shape word, `red, blue background, small`: they protected the base prompts "
           "less than no reg images at all.)",
-          f"3. Training through `loralab train`'s code path (`loralab.train.loop.train`): LoRA rank "
+          f"3. Training through `loralab train`'s code path (`loralab.recipes.lora.train`): LoRA rank "
           f"{recipe.network_dim}, alpha {recipe.network_alpha:g}, "
           f"{'UNet only' if recipe.text_encoder_lr == 0 else f'text encoder LR {recipe.text_encoder_lr:g}'}, "
           f"AdamW LR {recipe.unet_lr:g} ({recipe.lr_scheduler}), batch {recipe.train_batch_size}, min-SNR γ "
@@ -582,7 +556,7 @@ def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: 
     L += ["## Time", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     L += ["", "## Files", "",
-          f"* `dataset/`, `reg/`: the training and regularization images (kohya layout)",
+          "* `dataset/`, `reg/`: the training and regularization images (kohya layout)",
           f"* `train_reg/`, `train_noreg/`: LoRA files per epoch (`{TAG}-NNNNNN.safetensors`, the last epoch "
           f"`{TAG}.safetensors`), `train_log.jsonl`",
           f"* `{files['grid_reg']}`, `{files['grid_noreg']}`, `{files['loss_reg']}`, `{files['loss_noreg']}`, "

@@ -294,8 +294,8 @@ def make_sampler(
         accepted = inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):
         accepted = {}
-    if clip_sample and "clip_sample" in accepted:
-        kwargs["clip_sample"] = True
+    if "clip_sample" in accepted:
+        kwargs["clip_sample"] = clip_sample
     try:
         return cls(**kwargs)
     except ImportError as exc:
@@ -331,7 +331,7 @@ def _vae_scale(vae) -> int:
     return 2 ** (len(blocks) - 1) if blocks else 8
 
 
-def _denoise(
+def denoise(
     *,
     unet,
     sampler,
@@ -342,12 +342,20 @@ def _denoise(
     generator: torch.Generator,
     device: torch.device,
     dtype: torch.dtype,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Classifier-free guidance: ε = ε_neg + scale · (ε_pos − ε_neg); the batch is [negative, positive]."""
+    """The one denoising loop: `prompt.steps` steps of `sampler` with classifier-free guidance
+
+        ε = ε_neg + scale · (ε_pos − ε_neg)        (scale = prompt.scale; no guidance when scale <= 1)
+
+    for a batch of N images: `cond` is [N negatives, N positives] with guidance, else [N positives].
+    The initial noise is `noise` (N, C, h, w) when given (e.g. one seeded draw per image), else one draw
+    of `latent_shape` from `generator`; it is scaled by the sampler's init_noise_sigma. Returns latents."""
     use_cfg = prompt.scale > 1.0
     sampler.set_timesteps(prompt.steps, device=device)
-    latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
-    latents = latents * sampler.init_noise_sigma
+    if noise is None:
+        noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
+    latents = noise.to(device, torch.float32) * sampler.init_noise_sigma
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
     cond = cond.to(device=device, dtype=dtype)
@@ -387,7 +395,7 @@ def _sample_one(i: int, prompt: SamplePrompt, *, unet, vae, vae_scaling_factor: 
     if getattr(unet.config, "addition_embed_type", None) == "text_time" and "time_ids" not in added:
         added["time_ids"] = sample_time_ids(prompt.width, prompt.height, len(texts))  # SDXL
     factor = _vae_scale(vae)
-    latents = _denoise(
+    latents = denoise(
         unet=unet, sampler=scheduler, prompt=prompt, cond=cond, added=added,
         latent_shape=(1, unet.config.in_channels, prompt.height // factor, prompt.width // factor),
         generator=generator, device=device, dtype=dtype,
