@@ -128,6 +128,16 @@ class TrainConfig:
     ip_noise_gamma_random_strength: bool = _f(False, "scale ip_noise_gamma by U(0,1) each step", group="training")
     min_timestep: int = _f(0, "smallest training timestep", group="training")
     max_timestep: int = _f(1000, "largest training timestep (exclusive)", group="training")
+    # --- validation
+    validation_split: float = _f(0.0, "share of each training folder's images held out for the validation loss "
+                                 "(0.1-0.2 typical; 0 = off)", group="validation")
+    validation_data_dir: str = _f("", "a separate validation folder in the kohya layout (<repeats>_<name>/)",
+                                  group="validation")
+    validation_seed: int = _f(0, "seed of the split, the noise and the timesteps of validation (0 = seed)",
+                              group="validation")
+    validate_every_n_epochs: int = _f(1, "validation loss every N epochs (0 = never by epoch)", group="validation")
+    validate_every_n_steps: int = _f(0, "validation loss every N steps (0 = never by step)", group="validation")
+    max_validation_steps: int = _f(0, "validate on at most this many batches (0 = all)", group="validation")
     # --- output
     output_dir: str = _f("output", "where LoRA files, samples and logs go", group="output")
     output_name: str = _f("last", "file name stem of the saved LoRA", group="output")
@@ -377,7 +387,7 @@ def validate(cfg: TrainConfig) -> None:
         raise LoralabError(f"pretrained_model_name_or_path: {cfg.pretrained_model_name_or_path} does not exist")
     if not cfg.train_data_dir:
         raise LoralabError("train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders")
-    for key in ("train_data_dir", "reg_data_dir", "vae", "network_weights", "sample_prompts", "resume"):
+    for key in ("train_data_dir", "reg_data_dir", "validation_data_dir", "vae", "network_weights", "sample_prompts", "resume"):
         value = getattr(cfg, key)
         if value and not Path(value).exists():
             raise LoralabError(f"{key}: {value} does not exist")
@@ -404,6 +414,11 @@ def validate(cfg: TrainConfig) -> None:
         raise LoralabError("network_train_unet_only and network_train_text_encoder_only: choose at most one")
     if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
         raise LoralabError("lr_warmup_steps: the constant scheduler has no warmup; use lr_scheduler = \"constant_with_warmup\"")
+    if not 0.0 <= cfg.validation_split < 1.0:
+        raise LoralabError(f"validation_split: must be in [0, 1), got {cfg.validation_split}")
+    for key in ("validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps"):
+        if getattr(cfg, key) < 0:
+            raise LoralabError(f"{key}: must be 0 or more, got {getattr(cfg, key)}")
     if cfg.ip_noise_gamma < 0 or cfg.token_warmup_step < 0 or cfg.token_warmup_min < 0:
         raise LoralabError("ip_noise_gamma, token_warmup_step, token_warmup_min: must be 0 or more")
     if cfg.clip_skip < 0:

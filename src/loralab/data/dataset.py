@@ -16,7 +16,9 @@ here: `loralab dataset check/tags` scan the same way as `loralab train`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -232,6 +234,34 @@ def scan_folder_dataset(
                 f"put {'/'.join(IMAGE_EXTENSIONS)} files in them"
             )
     return result
+
+
+def split_validation(subsets: Sequence[Subset], share: float, seed: int) -> tuple[list[Subset], list[Subset]]:
+    """kohya's `validation_split`: hold a seeded share of each training folder's images out of training.
+
+    Per training subset: its images (sorted by path) are shuffled with random.Random(seed); the first
+    ceil(n · (1 − share)) train, the rest validate (kohya `split_train_val`). Reg folders are never split.
+    Returns (subsets for training, subsets for validation); a folder whose images all train is left out
+    of the second list (ceil keeps at least one training image per folder). share = 0 returns the subsets unchanged and no validation subsets.
+    """
+    if share <= 0:
+        return list(subsets), []
+    train: list[Subset] = []
+    val: list[Subset] = []
+    for subset in subsets:
+        if subset.is_reg:
+            train.append(subset)
+            continue
+        images = list(subset.images)
+        random.Random(seed).shuffle(images)
+        cut = math.ceil(len(images) * (1 - share))
+        keep, held = sorted(images[:cut], key=lambda e: e.path), sorted(images[cut:], key=lambda e: e.path)
+        train.append(dataclasses.replace(subset, images=keep))
+        if held:
+            val.append(dataclasses.replace(subset, images=held))
+    if not val:
+        log.warning("validation_split = %s holds out no image (every folder is too small); no validation loss", share)
+    return train, val
 
 
 # ----------------------------------------------------------------------------------------- metadata

@@ -67,7 +67,8 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
             run.log.step(run.global_step, epoch + 1, run.last_loss, current_lrs(run.optimizer, run.lr_scheduler),
                          max_norm=norms)
             progress.update(1)
-            progress.set_postfix(loss=f"{run.last_loss:.4f}", epoch=epoch + 1)
+            progress.set_postfix(loss=f"{run.last_loss:.4f}", epoch=epoch + 1,
+                                 **{k: f"{v:.4f}" for k, v in run.metrics.items()})
             notify(cbs, "on_step_end", run)
             if run.global_step >= run.max_steps or run.stop_reason:
                 break

@@ -149,6 +149,8 @@ def dataset_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
         "ss_dataset_dirs": json.dumps(run.dataset_dirs),
         "ss_reg_dataset_dirs": json.dumps(run.reg_dataset_dirs),
     }
+    if cfg.validation_split or cfg.validation_data_dir:
+        md.update({"ss_validation_split": cfg.validation_split, "ss_validation_seed": cfg.validation_seed or cfg.seed})
     if cfg.token_warmup_step:
         md.update({"ss_token_warmup_min": cfg.token_warmup_min, "ss_token_warmup_step": cfg.token_warmup_step})
     return md

@@ -55,7 +55,9 @@ class Recipe:
         return {}
 
     def callbacks(self, run: Run) -> list[Callback]:
-        """The recipe's callbacks, run before the caller's: by default the config's save and sample cadence."""
+        """The recipe's callbacks, run before the caller's: by default the validation loss (when the run has
+        validation images), then the config's save and sample cadence."""
         from loralab.train.callbacks import SampleImages, SaveCheckpoints
+        from loralab.train.validation import ValidationLoss
 
-        return [SaveCheckpoints(), SampleImages()]
+        return ([ValidationLoss()] if run.val_dataset is not None else []) + [SaveCheckpoints(), SampleImages()]

@@ -44,6 +44,7 @@ class Run:
     # data
     subsets: list = field(default_factory=list)
     dataset: Any = None
+    val_dataset: Any = None  # held-out images for the validation loss (validation_split / validation_data_dir)
     caption_opts: Any = None
     prompts: list = field(default_factory=list)  # sample prompts
     # step counts
@@ -84,6 +85,7 @@ class Run:
     batch_in_epoch: int = 0  # batches of this epoch consumed by this process
     losses: list[float] = field(default_factory=list)
     last_loss: float = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)  # latest figures of callbacks (e.g. "val"), shown in the progress bar
     stop_reason: str = ""
 
     @property
@@ -144,16 +146,24 @@ def setup_device(run: Run) -> None:
 
 def setup_dataset(run: Run) -> None:
     """The kohya folder dataset (repeats, reg images, buckets), caption options and sample prompts."""
-    from loralab.data.dataset import FolderDataset, scan_folder_dataset
+    from loralab.data.dataset import FolderDataset, scan_folder_dataset, split_validation
     from loralab.models.loader import peek_family
     from loralab.train.sampling import parse_prompt_file
 
     cfg = run.cfg
     family_hint = peek_family(cfg.pretrained_model_name_or_path)  # from the key names, for the bucket-step check
-    run.subsets = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None,
-                                      caption_extension=cfg.caption_extension, enable_wildcard=cfg.enable_wildcard)
-    run.dataset = FolderDataset(run.subsets, batch_size=cfg.train_batch_size,
-                                required_reso_steps=32 if family_hint == "sdxl" else 64, **cfg.bucket_options())
+    scanned = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None,
+                                  caption_extension=cfg.caption_extension, enable_wildcard=cfg.enable_wildcard)
+    run.subsets, val_subsets = split_validation(scanned, cfg.validation_split, cfg.validation_seed or cfg.seed)
+    if cfg.validation_data_dir:
+        val_subsets += scan_folder_dataset(cfg.validation_data_dir, caption_extension=cfg.caption_extension)
+    steps = 32 if family_hint == "sdxl" else 64
+    run.dataset = FolderDataset(run.subsets, batch_size=cfg.train_batch_size, required_reso_steps=steps,
+                                **cfg.bucket_options())
+    if val_subsets:
+        run.val_dataset = FolderDataset(val_subsets, batch_size=cfg.train_batch_size, required_reso_steps=steps,
+                                        **cfg.bucket_options())
+        log.info("validation: %d images held out of training", sum(s.img_count for s in val_subsets))
     run.caption_opts = cfg.caption_options()
     run.prompts = parse_prompt_file(cfg.sample_prompts) if cfg.sample_prompts else []
 

@@ -1,0 +1,122 @@
+"""The validation loss (kohya's semantics): the diffusion loss of held-out images with fixed noise.
+
+Images: a seeded share of each training folder (`validation_split`, `data.dataset.split_validation`)
+and/or a separate folder in the kohya layout (`validation_data_dir`), each image once (repeats do not
+count), never in a training batch.
+
+    validation loss = mean over images i and timesteps t in VALIDATION_TIMESTEPS of
+                      the training loss of image i noised to t with noise ε_i,t
+
+Everything random is fixed by `validation_seed` (0 = seed): the VAE latent of each image, the noise
+ε_i,t; captions are used as written (no shuffle or dropout), the network runs in eval mode (no
+dropouts). So successive values differ only because the weights changed, and validating the same
+weights twice gives the same number. The training's random state is left as it was.
+Logged as kohya does: loss/validation/step_current and step_average every validate_every_n_steps,
+loss/validation/epoch_average and epoch_divergence (validation − training epoch average) every
+validate_every_n_epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+from loralab.train.callbacks import Callback
+from loralab.train.run import Run, encode_images, encode_prompts
+
+VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)  # kohya's fixed set (train_network.py)
+
+
+def validation_batches(run: Run) -> list[list]:
+    """Each validation image once, grouped by bucket in dataset order, in batches of train_batch_size;
+    at most max_validation_steps batches."""
+    by_bucket: dict[tuple[int, int], list] = {}
+    for s in run.val_dataset.samples:
+        by_bucket.setdefault(s.choice.bucket, []).append(s)
+    bs = run.cfg.train_batch_size
+    batches = [group[i:i + bs] for _, group in sorted(by_bucket.items()) for i in range(0, len(group), bs)]
+    return batches[:run.cfg.max_validation_steps] if run.cfg.max_validation_steps else batches
+
+
+@torch.no_grad()
+def validation_loss(run: Run, batches: list[list] | None = None) -> float:
+    """The validation loss of the current weights (see the module docstring)."""
+    from loralab.data.captions import process_caption
+    from loralab.models.sdxl import batch_time_ids
+    from loralab.models.text import unet_text_conditioning
+    from loralab.train import noise as N
+
+    cfg, model = run.cfg, run.model
+    seed = cfg.validation_seed or cfg.seed
+    opts = dataclasses.replace(run.caption_opts, shuffle_caption=False, caption_dropout_rate=0.0,
+                               caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_step=0)
+    modes = [(m, m.training) for m in run.network.modules()]
+    run.network.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            for bi, batch in enumerate(batches if batches is not None else validation_batches(run)):
+                torch.manual_seed(seed * 7919 + bi)  # the VAE's posterior sample
+                images = torch.stack([_image(s) for s in batch])
+                latents = encode_images(run, images)
+                captions = [process_caption(s.entry.caption, opts, epoch=1, rng=random.Random(0)) for s in batch]
+                with run.autocast():
+                    cond, added = unet_text_conditioning(model.family, encode_prompts(run, captions))
+                cond, added = cond.to(run.device), {k: v.to(run.device) for k, v in added.items()}
+                if run.sdxl:
+                    added["time_ids"] = batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch],
+                                                       [False] * len(batch), run.device)
+                for t in VALIDATION_TIMESTEPS:
+                    gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + bi * 1009 + t)
+                    noise = torch.randn(latents.shape, generator=gen).to(run.device, latents.dtype)
+                    timesteps = torch.full((len(batch),), t, dtype=torch.long, device=run.device)
+                    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+                    with run.autocast():
+                        pred = model.unet(noisy.to(run.weight_dtype), timesteps, cond.to(run.weight_dtype),
+                                          added_cond_kwargs=added or None).sample
+                    target = N.training_target(run.noise_scheduler, latents, noise, timesteps, model.v_parameterization)
+                    loss = N.loss_per_sample(pred.float(), target.float(), timesteps=timesteps,
+                                             scheduler=run.noise_scheduler, min_snr_gamma=cfg.min_snr_gamma or None,
+                                             v_parameterization=model.v_parameterization)
+                    total += float(loss.sum())
+                    count += len(batch)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return total / max(count, 1)
+
+
+def _image(sample) -> torch.Tensor:
+    from loralab.data.images import prepare_image
+
+    return prepare_image(sample.entry.path, sample.choice, flip=False)
+
+
+class ValidationLoss(Callback):
+    """kohya's validate_every_n_steps / validate_every_n_epochs cadence; the value also shows in the
+    progress bar (`run.metrics["val"]`)."""
+
+    def __init__(self) -> None:
+        self.step_values: list[float] = []
+
+    def on_step_end(self, run: Run) -> None:
+        n = run.cfg.validate_every_n_steps
+        if n and run.global_step % n == 0 and run.is_main:
+            value = validation_loss(run)
+            self.step_values.append(value)
+            run.metrics["val"] = value
+            run.log.validation(run.global_step, run.epoch + 1, {
+                "loss/validation/step_current": value,
+                "loss/validation/step_average": sum(self.step_values) / len(self.step_values)})
+
+    def on_epoch_end(self, run: Run) -> None:
+        n = run.cfg.validate_every_n_epochs
+        if n and (run.epoch + 1) % n == 0 and run.is_main:
+            value = validation_loss(run)
+            run.metrics["val"] = value
+            train_average = run.log.recorder.moving_average
+            run.log.validation(run.global_step, run.epoch + 1, {
+                "loss/validation/epoch_average": value,
+                "loss/validation/epoch_divergence": value - train_average}, tb_step=run.epoch + 1)
