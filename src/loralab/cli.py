@@ -288,6 +288,43 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from loralab.review.generate import generate, parse_lora_arg
+    from loralab.train.sampling import parse_prompt_file, parse_prompt_line
+
+    prompts = [parse_prompt_line(t, where=f"prompt {i + 1}") for i, t in enumerate(args.prompt)]
+    if args.prompts:
+        prompts += parse_prompt_file(args.prompts)
+    if not prompts:
+        raise LoralabError("generate: give at least one prompt (\"a prompt --d 1\") or --prompts FILE")
+    loras = [parse_lora_arg(t) for t in args.lora]
+    paths = generate(args.model, prompts, args.out, loras=loras, device=args.device, precision=args.precision,
+                     sampler=args.sampler,
+                     seed=args.seed, clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="images from a base model with LoRAs at chosen weights (fixed seeds)",
+                       description="Each prompt in kohya's line syntax: 'prompt --n neg --w 512 --h 512 --d seed "
+                                   "--s steps --l cfg --ss sampler'.")
+    g.add_argument("prompt", nargs="*", help="prompts (kohya line syntax)")
+    g.add_argument("--model", required=True, help="base model: single file or diffusers folder")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA file and its weight (default 1.0); repeat to stack")
+    g.add_argument("--prompts", help="prompt file (.txt lines in kohya syntax, .toml, .json)")
+    g.add_argument("--out", default="generated", help="output folder (default: generated)")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompt i without --d: seed + i (default 0)")
+    g.add_argument("--sampler", default="", help="sampler (default ddim; euler_a for SDXL)")
+    g.add_argument("--clip-skip", type=int, default=0, help="as in training (2 for NAI-style anime models)")
+    g.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225), help="as in training")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    g.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    g.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA trainer and troubleshooting lab for Stable Diffusion")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -301,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     d.add_argument("--quick", action="store_true", help="a much smaller run (about a minute)")
     d.set_defaults(func=cmd_demo)
+    _add_generate_parser(sub)
     _add_analysis_parsers(sub)
     return p
 

@@ -4,6 +4,8 @@
 and sample cadence below), then the caller's. A callback receives the `Run`: it may read anything,
 log a figure (`run.log.validation(...)`, `run.log.event(...)`), or end the run cleanly with
 `run.stop("why")` (the final file is then saved as at a normal end).
+Under `accelerate launch` every process runs the callbacks; a stop must be decided alike on every
+process (from values all of them have), or the others wait forever at the next gradient all-reduce.
 """
 
 from __future__ import annotations

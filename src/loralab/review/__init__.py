@@ -1,0 +1,1 @@
+"""Judging trained LoRAs: generating with them (`generate`), later the epoch review."""
