@@ -2,7 +2,8 @@
 
 The content is written to a temporary file in the target's folder, flushed to disk, then renamed over
 the target (os.replace is atomic on one file system), so an interrupted run never leaves a truncated
-file under a final name, and an existing file survives a failed write.
+file under a final name, and an existing file survives a failed write. The file gets the mode any
+other program would give it (0666 less the user's umask), not the temp file's private 0600.
 """
 
 from __future__ import annotations
@@ -26,11 +27,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
