@@ -93,7 +93,7 @@ def bench_loralab(model_dir: Path, data_dir: Path, out: Path, res: int, bs: int,
 
     cfg = build_config(None, {
         "pretrained_model_name_or_path": str(model_dir), "train_data_dir": str(data_dir), "output_dir": str(out),
-        "output_name": f"bench_bs{bs}", "resolution": str(res), "network_dim": "16", "network_alpha": "16",
+        "output_name": f"bench_bs{bs}", "overwrite": "true", "resolution": str(res), "network_dim": "16", "network_alpha": "16",
         "train_batch_size": str(bs), "max_train_steps": str(warm + steps), "cache_latents": "true",
         "mixed_precision": "bf16" if dev == "cuda" else "no", "network_train_unet_only": "true",
         "learning_rate": "1e-4", "device": dev, "save_precision": "fp16"})

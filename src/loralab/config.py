@@ -141,6 +141,9 @@ class TrainConfig:
     # --- output
     output_dir: str = _f("output", "where LoRA files, samples and logs go", group="output")
     output_name: str = _f("last", "file name stem of the saved LoRA", group="output")
+    overwrite: bool = _f(False, "start over in an output_dir holding an earlier run's files of this output_name: they "
+                         "are deleted and its train_log.jsonl is kept as train_log-before-<time>.jsonl (without "
+                         "it such a run refuses to start)", group="output")
     save_every_n_epochs: int = _f(0, "save <output_name>-NNNNNN.safetensors every N epochs (0 = only at the end)", group="output")
     save_every_n_steps: int = _f(0, "save <output_name>-stepNNNNNNNN.safetensors every N steps", group="output")
     save_model_as: str = _f("safetensors", "file format", choices=("safetensors",), group="output")

@@ -169,6 +169,7 @@ def train_config(recipe: DemoRecipe, data_dir: Path, reg_dir: Path | None, out: 
         "reg_data_dir": str(reg_dir) if reg_dir else "",
         "output_dir": str(out),
         "output_name": "olis",
+        "overwrite": True,  # the demo owns its output folder: a second `loralab demo` starts over
         # 40 px of area: buckets 32×32, 48×32 and 32×48, exactly the lab's image sizes (no crop)
         "resolution": "40",
         "enable_bucket": True,

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
+import re
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -110,6 +113,7 @@ class Run:
 
 def prepare(cfg: TrainConfig, recipe: Recipe) -> Run:
     """Build a run for `recipe` from the config (see the module docstring for the order)."""
+    check_outputs(cfg)
     run = Run(cfg=cfg, recipe=recipe, started_at=time.time())
     setup_device(run)
     torch.manual_seed(cfg.seed)
@@ -123,6 +127,42 @@ def prepare(cfg: TrainConfig, recipe: Recipe) -> Run:
     resume(run)
     setup_outputs(run)
     return run
+
+
+def earlier_run_files(out_dir: Path, name: str) -> list[Path]:
+    """The files an earlier run with output_name `name` left in `out_dir`: `<name>.safetensors`,
+    `<name>-NNNNNN.safetensors`, `<name>-stepNNNNNNNN.safetensors` and their `-state` folders."""
+    pattern = re.compile(rf"{re.escape(name)}(-(\d{{6}}|step\d{{8}}))?(\.safetensors|-state)")
+    return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name)) if out_dir.is_dir() else []
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Before anything loads: output_dir and logging_dir are folders (or can be made), and a new run does
+    not silently replace an earlier run's files (`resume` continues them; `overwrite` starts over)."""
+    for key in ("output_dir", "logging_dir"):
+        value = getattr(cfg, key)
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise LoralabError(f"{key}: {value} is a file, not a folder; give a folder path")
+        parent = Path(value).resolve() if value else None
+        while parent is not None and not parent.exists():
+            parent = parent.parent
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise LoralabError(f"{key}: {parent} is not writable; give a folder you can write to")
+    earlier = earlier_run_files(Path(cfg.output_dir), cfg.output_name)
+    if not earlier or cfg.resume:
+        return
+    names = ", ".join(p.name for p in earlier[:6]) + (f" and {len(earlier) - 6} more" if len(earlier) > 6 else "")
+    if not cfg.overwrite:
+        raise LoralabError(
+            f"output_dir {cfg.output_dir} already holds files of a run named {cfg.output_name!r} ({names}); this run "
+            "would replace them. Choose another output_name or output_dir, continue that run with resume = "
+            "\"<its -state folder>\", or set overwrite = true to start over.")
+    log.warning("overwrite: deleting %s in %s", names, cfg.output_dir)
+    for p in earlier:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    old_log = Path(cfg.output_dir) / "train_log.jsonl"
+    if old_log.exists():
+        old_log.rename(old_log.with_name(f"train_log-before-{time.strftime('%Y%m%d%H%M%S')}.jsonl"))
 
 
 def pick_device(name: str) -> torch.device:

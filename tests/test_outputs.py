@@ -1,0 +1,68 @@
+"""Nothing lost: a second run does not silently replace the first run's files; bad output paths are
+refused before any model loads."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+
+from loralab.config import build_config
+from loralab.errors import LoralabError
+from loralab.recipes.lora import LoRARecipe, train
+from test_train import base_cfg, make_dataset
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_in_the_same_folder_is_refused_and_overwrite_starts_over(tmp_path, tiny_sd1_checkpoint, monkeypatch):
+    img, _ = make_dataset(tmp_path, concepts=(("1_alpha", 2),), reg=False)
+    keys = base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", max_train_epochs=2, save_every_n_epochs=1,
+                    save_state="true")
+    train(build_config(None, keys))
+    before = _digest(tmp_path / "out")
+    assert {"lora.safetensors", "lora-000001.safetensors", "train_log.jsonl"} <= set(before)
+
+    import loralab.models.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(loader, "load_base_model", no_load)
+    with pytest.raises(LoralabError) as e:
+        LoRARecipe().prepare(build_config(None, keys))
+    msg = str(e.value)
+    assert "lora-000001.safetensors" in msg and "lora.safetensors" in msg and "overwrite = true" in msg
+    assert _digest(tmp_path / "out") == before  # nothing changed
+    monkeypatch.undo()
+
+    # another output_name in the same folder is a different run: allowed
+    other = build_config(None, {**keys, "output_name": "other", "max_train_epochs": "1"})
+    train(other)
+    assert (tmp_path / "out" / "other.safetensors").is_file()
+
+    result = train(build_config(None, {**keys, "overwrite": "true", "max_train_epochs": "1"}))
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "lora-000001.safetensors" not in names and "lora-000001-state" not in names  # the old epochs are gone
+    assert result.final_file.name == "lora.safetensors" and "other.safetensors" in names
+    kept = [n for n in names if n.startswith("train_log-before-")]
+    assert len(kept) == 1  # the earlier log is kept, the new one starts clean
+    steps = [line for line in result.log_file.read_text().splitlines() if '"kind": "step"' in line]
+    assert len(steps) == result.global_step
+
+
+def test_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, tiny_sd1_checkpoint):
+    img, _ = make_dataset(tmp_path, concepts=(("1_alpha", 1),), reg=False)
+    (tmp_path / "out").write_text("not a folder")
+    r = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--pretrained_model_name_or_path",
+                        str(tiny_sd1_checkpoint), "--train_data_dir", str(img), "--output_dir", str(tmp_path / "out"),
+                        "--max_train_steps", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "output_dir" in r.stderr and "is a file, not a folder" in r.stderr
+    assert "loralab.models.loader" not in r.stderr  # refused before the model loaded
+    assert (tmp_path / "out").read_text() == "not a folder"
