@@ -213,3 +213,31 @@ def test_alpha_composited_on_white(tmp_path):
     path = tmp_path / "t.png"
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(path)
     assert load_image(path).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_zero_repeats_folder_is_explained(tmp_path, caplog):
+    make_image(tmp_path / "train" / "0_unused" / "x.png", (32, 32))
+    make_image(tmp_path / "train" / "3_used" / "y.png", (32, 32))
+    with caplog.at_level(logging.WARNING):
+        subsets = scan_folder_dataset(tmp_path / "train")
+    assert [s.name for s in subsets] == ["3_used"]
+    assert "0 repeats means its images are never used" in caplog.text and "1_unused" in caplog.text
+    assert "does not start with a repeat count" not in caplog.text
+
+
+def test_a_very_large_image_gets_our_warning_naming_the_file(tmp_path):
+    """In a real process (pytest resets warning filters): our warning naming the file, not PIL's raw one."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(path)
+    code = ("import logging; logging.basicConfig(); from PIL import Image; Image.MAX_IMAGE_PIXELS = 40_000; "
+            "from loralab.data.images import load_image, read_image_size; "
+            f"print(read_image_size({str(path)!r}), load_image({str(path)!r}).size)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "(300, 200) (300, 200)"
+    assert r.stderr.count("big.png: a very large image (300x200, over 40000 pixels)") == 2
+    assert "DecompressionBombWarning" not in r.stderr

@@ -66,3 +66,19 @@ def test_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, tiny_sd1_
     assert "output_dir" in r.stderr and "is a file, not a folder" in r.stderr
     assert "loralab.models.loader" not in r.stderr  # refused before the model loaded
     assert (tmp_path / "out").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"optimizer_type": "AdamW", "optimizer_args": "betaz=0.9,0.99"}, "betaz"),
+    ({"optimizer_type": "NoSuchOptimizer"}, "NoSuchOptimizer"),
+])
+def test_optimizer_errors_come_before_the_model_loads(tmp_path, tiny_sd1_checkpoint, monkeypatch, keys, match):
+    img, _ = make_dataset(tmp_path, concepts=(("1_alpha", 1),), reg=False)
+    import loralab.models.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(loader, "load_base_model", no_load)
+    with pytest.raises(LoralabError, match=match):
+        LoRARecipe().prepare(build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", **keys)))

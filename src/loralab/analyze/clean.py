@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from loralab.data.images import READ_ERRORS, is_image_file
+from loralab.data.images import READ_ERRORS, is_image_file, warn_if_very_large
 from loralab.errors import LoralabError
 from loralab.io import atomic_write, atomic_write_bytes
 
@@ -237,6 +237,7 @@ def clean_image_file(src: Path, dst: Path, *, use_opencv: bool | None = None) ->
     """Clean one image file into `dst`, same size and format; transparency kept unchanged."""
     try:
         with Image.open(src) as img:
+            warn_if_very_large(src, img.size)
             img.load()
             fmt = img.format or src.suffix.lstrip(".").upper()
             params = _save_params(img, fmt)

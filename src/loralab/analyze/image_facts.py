@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from loralab.data.images import READ_ERRORS
+from loralab.data.images import READ_ERRORS, warn_if_very_large
 
 
 @dataclass
@@ -84,6 +84,7 @@ def inspect_image(path: Path) -> ImageFacts:
     facts.sha256 = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as img:
+            warn_if_very_large(path, img.size)
             img.load()
             facts.transparent = has_transparency(img)
             facts.grayscale = is_grayscale(img)

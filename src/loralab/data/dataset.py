@@ -163,8 +163,13 @@ def scan_root(root: Path, key: str, is_reg: bool) -> list[Subset]:
         parsed = repeats_from_folder_name(sub.name)
         if parsed is None:
             skipped.append(sub)
-            log.warning("%s: ignoring the folder %s: its name does not start with a repeat count such as 10_ "
-                        "(rename it to e.g. 10_%s to train on it)", key, sub, sub.name)
+            head, _, rest = sub.name.partition("_")
+            if head.lstrip("-").isdigit():  # 0_name, -1_name: a count, but not a positive one
+                log.warning("%s: ignoring the folder %s: %s repeats means its images are never used (rename it "
+                            "to e.g. 1_%s to train on it)", key, sub, head, rest or sub.name)
+            else:
+                log.warning("%s: ignoring the folder %s: its name does not start with a repeat count such as 10_ "
+                            "(rename it to e.g. 10_%s to train on it)", key, sub, sub.name)
             continue
         n, tokens = parsed
         subsets.append(Subset(dir=sub, name=sub.name, num_repeats=n, class_tokens=tokens, is_reg=is_reg))

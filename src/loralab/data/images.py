@@ -6,6 +6,7 @@ torch is imported only inside `prepare_image`, so scanning a dataset does not lo
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,21 @@ def _broken(path: Path, err: Exception) -> LoralabError:
     )
 
 
+# PIL warns (DecompressionBombWarning, with its own source line) for images over Image.MAX_IMAGE_PIXELS;
+# `warn_if_very_large` says it instead, naming the file. A process-wide filter, because catch_warnings is
+# not thread-safe and dataset checks decode images on several threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def warn_if_very_large(path: Path, size: tuple[int, int]) -> None:
+    """Our warning for an image over PIL's limit (Image.MAX_IMAGE_PIXELS, 89 MP by default); twice the
+    limit is refused by PIL (DecompressionBombError, reported as an unreadable image)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        log.warning("%s: a very large image (%dx%d, over %d pixels); it loads, but slowly and with much memory: "
+                    "downscale it (training uses at most the bucket size)", path, size[0], size[1], limit)
+
+
 def read_image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels.
 
@@ -49,6 +65,7 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             w, h = img.size
+            warn_if_very_large(path, img.size)
     except READ_ERRORS as err:
         raise _broken(path, err) from err
     if w <= 0 or h <= 0:
@@ -66,6 +83,7 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            warn_if_very_large(path, img.size)
             img.load()
             return to_rgb(img)
     except READ_ERRORS as err:

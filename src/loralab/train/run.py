@@ -119,6 +119,7 @@ def prepare(cfg: TrainConfig, recipe: Recipe) -> Run:
     torch.manual_seed(cfg.seed)
     setup_dataset(run)
     count_steps(run, run.dataset.num_batches_per_epoch)
+    check_optimizer(run)
     load_model(run)
     setup_network(run)
     setup_optimizer(run, recipe.param_groups(run))
@@ -227,6 +228,26 @@ def count_steps(run: Run, batches_per_epoch: int) -> None:
         log.info("dataset: %d train images (x repeats), %d reg images, %d batches/epoch, %d steps/epoch, %d epochs, "
                  "%d steps", d.num_train_images, d.num_reg_images, batches_per_epoch, run.steps_per_epoch,
                  run.num_epochs, run.max_steps)
+
+
+def check_optimizer(run: Run) -> None:
+    """Build the optimizer and LR schedule once on a dummy parameter, before the model loads: a bad
+    optimizer_type, optimizer_args or scheduler setting fails in a second, not after the load."""
+    from loralab.train.optim import create_optimizer, create_scheduler, parse_optimizer_args, resolve_warmup_steps
+
+    cfg = run.cfg
+    optim_log = logging.getLogger("loralab.train.optim")
+    level = optim_log.level
+    optim_log.setLevel(logging.ERROR)  # its advice is logged once, when the real optimizer is built
+    try:
+        dummy = torch.nn.Parameter(torch.zeros(1))
+        opt, _ = create_optimizer(cfg.optimizer_type, [{"params": [dummy]}], cfg.learning_rate,
+                                  parse_optimizer_args(cfg.optimizer_args))
+        create_scheduler(cfg.lr_scheduler, opt, warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps, run.max_steps),
+                         total_steps=run.max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
+                         power=cfg.lr_scheduler_power, initial_lr=cfg.learning_rate)
+    finally:
+        optim_log.setLevel(level)
 
 
 def load_model(run: Run) -> None:
