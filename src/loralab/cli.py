@@ -64,8 +64,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = build_config(args.config, overrides)
     from loralab.recipes.lora import train
 
-    train(cfg)
-    return 0
+    result = train(cfg)
+    return 130 if result.interrupted else 0
 
 
 # ----------------------------------------------------------------------------------------- dataset tools

@@ -11,6 +11,8 @@ process (from values all of them have), or the others wait forever at the next g
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 
 from loralab.train.run import Run, encode_prompts
@@ -81,6 +83,8 @@ class SaveCheckpoints(Callback):
 
     def on_train_end(self, run: Run) -> None:
         cfg = run.cfg
+        if run.interrupted:
+            return  # not a finished run: StopOnSignal writes the state to continue it
         run.final_file = run.out_dir / f"{cfg.output_name}.safetensors"
         save_network(run, run.final_file, run.epoch + 1)
         if cfg.save_state or cfg.save_state_on_train_end:
@@ -126,3 +130,46 @@ def sample(run: Run, stem: str) -> None:
                              sampler=run.cfg.sample_sampler or ("euler_a" if run.sdxl else "ddim"),
                              eval_modules=[run.network])
     run.samples.extend(files)
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM: the current step finishes, a state folder `<output_name>-interrupted-state`
+    is written (even without save_state), and the exact `resume = "…"` line that continues the run is
+    printed; no final file is written. A second signal stops at once. Single process only: under
+    accelerate launch the processes could stop at different steps and wait for each other forever."""
+
+    def __init__(self) -> None:
+        self.previous: dict[int, object] = {}
+
+    def on_train_start(self, run: Run) -> None:
+        if run.world > 1 or threading.current_thread() is not threading.main_thread():
+            return
+
+        def handle(signum, frame):
+            if run.interrupted:  # the second signal: at once
+                self.restore()
+                raise KeyboardInterrupt
+            run.interrupted = signal.Signals(signum).name
+            run.stop(f"interrupted ({run.interrupted})")
+            log.warning("%s: finishing this step, then saving the state to continue from (again to stop at once)",
+                        run.interrupted)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def on_train_end(self, run: Run) -> None:
+        self.restore()
+        if not (run.interrupted and run.is_main):
+            return
+        epoch, batch = run.epoch, run.batch_in_epoch
+        if batch >= run.batches_per_proc:  # interrupted on an epoch's last step: continue with the next epoch
+            epoch, batch = epoch + 1, 0
+        name = f"{run.cfg.output_name}-interrupted-state"
+        save_training_state(run, name, epoch, batch)
+        log.warning("interrupted at step %d; to continue, add to the config: resume = \"%s\"", run.global_step,
+                    (run.out_dir / name).as_posix())

@@ -35,6 +35,7 @@ class TrainResult:
     log_file: Path
     last_loss: float
     stop_reason: str = ""
+    interrupted: str = ""
 
 
 def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -50,7 +51,8 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
         run.epoch = epoch
         mine = shard(recipe.batches(run, epoch), run.rank, run.world, run.batches_per_proc)
         steps_before = run.global_step
-        for bi in range(run.skip_batches if epoch == first_epoch else 0, len(mine)):
+        run.batch_in_epoch = run.skip_batches if epoch == first_epoch else 0
+        for bi in range(run.batch_in_epoch, len(mine)):
             micro = bi % run.accum
             seed = step_seed(run.cfg.seed, run.global_step, micro, run.rank)
             torch.manual_seed(seed)  # LoRA dropouts and VAE sampling draw from the global generator
@@ -73,6 +75,8 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
             if run.global_step >= run.max_steps or run.stop_reason:
                 break
         run.skip_batches = 0
+        if run.stop_reason and run.batch_in_epoch < len(mine):
+            break  # stopped inside the epoch: it did not end
         if run.global_step > steps_before:
             run.log.epoch(epoch + 1, step=run.global_step)
         notify(cbs, "on_epoch_end", run)
@@ -89,7 +93,8 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
     run.network.restore()
     return TrainResult(final_file=run.final_file if run.is_main else None, saved_files=run.saved,
                        sample_files=run.samples, global_step=run.global_step, epochs=run.epoch + 1,
-                       log_file=run.log.jsonl_path, last_loss=run.last_loss, stop_reason=run.stop_reason)
+                       log_file=run.log.jsonl_path, last_loss=run.last_loss, stop_reason=run.stop_reason,
+                       interrupted=run.interrupted)
 
 
 def shard(batches: list, rank: int, world: int, per_proc: int) -> list:

@@ -56,8 +56,9 @@ class Recipe:
 
     def callbacks(self, run: Run) -> list[Callback]:
         """The recipe's callbacks, run before the caller's: by default the validation loss (when the run has
-        validation images), then the config's save and sample cadence."""
-        from loralab.train.callbacks import SampleImages, SaveCheckpoints
+        validation images), then the config's save and sample cadence; Ctrl-C saves a state to resume from."""
+        from loralab.train.callbacks import SampleImages, SaveCheckpoints, StopOnSignal
         from loralab.train.validation import ValidationLoss
 
-        return ([ValidationLoss()] if run.val_dataset is not None else []) + [SaveCheckpoints(), SampleImages()]
+        validation = [ValidationLoss()] if run.val_dataset is not None else []
+        return [StopOnSignal(), *validation, SaveCheckpoints(), SampleImages()]

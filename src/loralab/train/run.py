@@ -90,6 +90,7 @@ class Run:
     last_loss: float = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)  # latest figures of callbacks (e.g. "val"), shown in the progress bar
     stop_reason: str = ""
+    interrupted: str = ""  # the signal that interrupted the run (SIGINT, SIGTERM): no final file, a state to resume
 
     @property
     def is_main(self) -> bool:
