@@ -49,3 +49,46 @@ def test_sigint_saves_a_state_that_resumes_exactly(tmp_path, tiny_sd1_checkpoint
     assert straight.returncode == 0, straight.stderr[-3000:]
     a, b = load_file(str(tmp_path / "a" / "lora.safetensors")), load_file(str(out / "lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _interrupt_at(step: int):
+    from loralab.train.callbacks import Callback
+
+    class Interrupt(Callback):  # what StopOnSignal's handler does when the signal lands during this step
+        def on_step_end(self, run):
+            if run.global_step == step:
+                run.interrupted = "SIGINT"
+                run.stop("interrupted (SIGINT)")
+
+    return Interrupt()
+
+
+def test_an_interrupt_on_an_epochs_last_step_keeps_that_epochs_file(tmp_path, tiny_sd1_checkpoint):
+    import json
+
+    from loralab.config import build_config
+    from loralab.recipes.lora import train
+    from test_train import base_cfg
+
+    img, _ = make_dataset(tmp_path, concepts=(("2_alpha", 1),), reg=False)  # 2 steps an epoch (batch 1)
+    cfg = build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", max_train_epochs=3,
+                                      save_every_n_epochs=1, train_batch_size=1))
+    result = train(cfg, [_interrupt_at(2)])
+    out = tmp_path / "out"
+    assert result.interrupted == "SIGINT" and result.final_file is None
+    assert (out / "lora-000001.safetensors").is_file() and not (out / "lora.safetensors").exists()
+    state = json.loads((out / "lora-interrupted-state" / "train_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 0, 2)  # continue with epoch 2
+
+
+def test_an_interrupt_during_the_last_step_finishes_the_run(tmp_path, tiny_sd1_checkpoint):
+    from loralab.config import build_config
+    from loralab.recipes.lora import train
+    from test_train import base_cfg
+
+    img, _ = make_dataset(tmp_path, concepts=(("2_alpha", 1),), reg=False)
+    cfg = build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", max_train_steps=3,
+                                      train_batch_size=1))
+    result = train(cfg, [_interrupt_at(3)])  # max_train_steps ends inside epoch 2
+    assert result.interrupted == "" and result.global_step == 3 and result.final_file.is_file()
+    assert not (tmp_path / "out" / "lora-interrupted-state").exists()

@@ -82,3 +82,28 @@ def test_optimizer_errors_come_before_the_model_loads(tmp_path, tiny_sd1_checkpo
     monkeypatch.setattr(loader, "load_base_model", no_load)
     with pytest.raises(LoralabError, match=match):
         LoRARecipe().prepare(build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", **keys)))
+
+
+def test_earlier_run_files_rule(tmp_path):
+    from loralab.train.run import earlier_run_files
+
+    names = ["lora.safetensors", "lora-000003.safetensors", "lora-step00000040.safetensors", "lora-000003-state",
+             "lora-state", "lora-interrupted-state", "lora-v2.safetensors", "lora-v2-000001.safetensors",
+             "lorax.safetensors", "train_log.jsonl", "sample"]
+    for n in names:
+        (tmp_path / n).mkdir() if n.endswith("state") or n == "sample" else (tmp_path / n).write_text("x")
+    assert [p.name for p in earlier_run_files(tmp_path, "lora")] == sorted(names[:6])
+    assert [p.name for p in earlier_run_files(tmp_path, "lora-v2")] == ["lora-v2-000001.safetensors",
+                                                                        "lora-v2.safetensors"]
+
+
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(tmp_path, tiny_sd1_checkpoint):
+    img, _ = make_dataset(tmp_path, concepts=(("1_alpha", 1),), reg=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora.safetensors").write_text("the earlier run")
+    (out / "train_log.jsonl").write_text("{}\n")
+    keys = base_cfg(tiny_sd1_checkpoint, img, out, overwrite="true", optimizer_args="betaz=0.9")
+    with pytest.raises(LoralabError, match="betaz"):
+        LoRARecipe().prepare(build_config(None, keys))
+    assert (out / "lora.safetensors").read_text() == "the earlier run" and (out / "train_log.jsonl").exists()

@@ -300,7 +300,8 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     loras = [parse_lora_arg(t) for t in args.lora]
     paths = generate(args.model, prompts, args.out, loras=loras, device=args.device, precision=args.precision,
                      sampler=args.sampler,
-                     seed=args.seed, clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+                     seed=args.seed, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
+                     v_parameterization=args.v_parameterization)
     for path in paths:
         print(path)
     return 0
@@ -320,6 +321,7 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--sampler", default="", help="sampler (default ddim; euler_a for SDXL)")
     g.add_argument("--clip-skip", type=int, default=0, help="as in training (2 for NAI-style anime models)")
     g.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225), help="as in training")
+    g.add_argument("--v-parameterization", action="store_true", help="a v-prediction model (SD 2.x 768-v)")
     g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
     g.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
     g.set_defaults(func=cmd_generate)

@@ -40,9 +40,11 @@ def parse_lora_arg(text: str) -> LoraSpec:
 def generate(model_path: str | Path, prompts: Sequence, out_dir: str | Path, *, loras: Sequence[LoraSpec] = (),
              device: str = "", precision: str = "fp32", sampler: str = "", seed: int = 0,
              clip_skip: int = 0, max_token_length: int = 75, vae: str | None = None,
+             v_parameterization: bool = False,
              file_stem: str = "gen") -> list[Path]:
     """Draw each prompt (`SamplePrompt`s) with the LoRAs applied; returns the PNG paths in `out_dir`.
-    `clip_skip` and `max_token_length` as in training (a LoRA trained with clip_skip 2 wants it here too)."""
+    `clip_skip` and `max_token_length` as in training (a LoRA trained with clip_skip 2 wants it here too);
+    `v_parameterization` for v-prediction models (SD 2.x 768-v) whose file does not say so."""
     from loralab.models.loader import load_base_model
     from loralab.models.text import encode_captions, unet_text_conditioning
     from loralab.network.lora import LoRANetwork
@@ -51,7 +53,7 @@ def generate(model_path: str | Path, prompts: Sequence, out_dir: str | Path, *, 
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    model = load_base_model(model_path, vae=vae)
+    model = load_base_model(model_path, vae=vae, v_parameterization=v_parameterization or None)
     for m in (model.unet, model.vae, *model.text_encoders):
         m.requires_grad_(False).eval()
         move_frozen(m, dev, dtype if m is model.unet else torch.float32)

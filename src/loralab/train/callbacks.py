@@ -33,6 +33,9 @@ class Callback:
     def on_train_end(self, run: Run) -> None:
         """After the last step, or after a stop."""
 
+    def teardown(self, run: Run) -> None:
+        """Always last, also when the run failed with an exception: give back what was taken (handlers)."""
+
 
 def save_network(run: Run, path: Path, epoch: int) -> None:
     """Write the LoRA file (kohya format, `ss_*` metadata, the recipe's extra tensors) on the main process."""
@@ -75,7 +78,7 @@ class SaveCheckpoints(Callback):
 
     def on_epoch_end(self, run: Run) -> None:
         cfg, ep = run.cfg, run.epoch + 1
-        if cfg.save_every_n_epochs and ep % cfg.save_every_n_epochs == 0 and not run.finished():
+        if cfg.save_every_n_epochs and ep % cfg.save_every_n_epochs == 0 and not run.reached_end():
             run.last_good = run.out_dir / f"{cfg.output_name}-{ep:06d}.safetensors"
             save_network(run, run.last_good, ep)
             if cfg.save_state:
@@ -162,8 +165,10 @@ class StopOnSignal(Callback):
             signal.signal(sig, handler)
         self.previous = {}
 
-    def on_train_end(self, run: Run) -> None:
+    def teardown(self, run: Run) -> None:
         self.restore()
+
+    def on_train_end(self, run: Run) -> None:
         if not (run.interrupted and run.is_main):
             return
         epoch, batch = run.epoch, run.batch_in_epoch

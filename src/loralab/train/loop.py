@@ -43,54 +43,61 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
     from loralab.train.optim import current_lrs
 
     cbs = [*recipe.callbacks(run), *callbacks]
-    notify(cbs, "on_train_start", run)
-    run.network.train()
     progress = _progress(total=run.max_steps, initial=run.global_step, enabled=run.is_main)
-    first_epoch = run.epoch
-    for epoch in range(first_epoch, run.num_epochs):
-        run.epoch = epoch
-        mine = shard(recipe.batches(run, epoch), run.rank, run.world, run.batches_per_proc)
-        steps_before = run.global_step
-        run.batch_in_epoch = run.skip_batches if epoch == first_epoch else 0
-        for bi in range(run.batch_in_epoch, len(mine)):
-            micro = bi % run.accum
-            seed = step_seed(run.cfg.seed, run.global_step, micro, run.rank)
-            torch.manual_seed(seed)  # LoRA dropouts and VAE sampling draw from the global generator
-            loss = recipe.loss(run, mine[bi], random.Random(seed), torch.Generator(run.device).manual_seed(seed))
-            nan_guard(run, loss)
-            backward(run, loss)
-            if micro < run.accum - 1 and bi < len(mine) - 1:
-                continue
-            norms = optimizer_step(run)
-            run.global_step += 1
-            run.batch_in_epoch = bi + 1
-            run.last_loss = float(loss.detach())
-            run.losses.append(run.last_loss)
-            run.log.step(run.global_step, epoch + 1, run.last_loss, current_lrs(run.optimizer, run.lr_scheduler),
-                         max_norm=norms)
-            progress.update(1)
-            progress.set_postfix(loss=f"{run.last_loss:.4f}", epoch=epoch + 1,
-                                 **{k: f"{v:.4f}" for k, v in run.metrics.items()})
-            notify(cbs, "on_step_end", run)
-            if run.global_step >= run.max_steps or run.stop_reason:
+    try:
+        notify(cbs, "on_train_start", run)
+        run.network.train()
+        first_epoch = run.epoch
+        for epoch in range(first_epoch, run.num_epochs):
+            run.epoch = epoch
+            mine = shard(recipe.batches(run, epoch), run.rank, run.world, run.batches_per_proc)
+            steps_before = run.global_step
+            run.batch_in_epoch = run.skip_batches if epoch == first_epoch else 0
+            for bi in range(run.batch_in_epoch, len(mine)):
+                if run.global_step >= run.max_steps:
+                    break
+                micro = bi % run.accum
+                seed = step_seed(run.cfg.seed, run.global_step, micro, run.rank)
+                torch.manual_seed(seed)  # LoRA dropouts and VAE sampling draw from the global generator
+                loss = recipe.loss(run, mine[bi], random.Random(seed), torch.Generator(run.device).manual_seed(seed))
+                nan_guard(run, loss)
+                backward(run, loss)
+                if micro < run.accum - 1 and bi < len(mine) - 1:
+                    continue
+                norms = optimizer_step(run)
+                run.global_step += 1
+                run.batch_in_epoch = bi + 1
+                run.last_loss = float(loss.detach())
+                run.losses.append(run.last_loss)
+                run.log.step(run.global_step, epoch + 1, run.last_loss, current_lrs(run.optimizer, run.lr_scheduler),
+                             max_norm=norms)
+                progress.update(1)
+                progress.set_postfix({"loss": f"{run.last_loss:.4f}", "epoch": epoch + 1,
+                                      **{k: f"{v:.4f}" for k, v in run.metrics.items()}})
+                notify(cbs, "on_step_end", run)
+                if run.global_step >= run.max_steps or run.stop_reason:
+                    break
+            run.skip_batches = 0
+            if run.stop_reason and run.batch_in_epoch < len(mine) and run.global_step < run.max_steps:
+                break  # stopped inside the epoch: it did not end
+            if run.global_step > steps_before:
+                run.log.epoch(epoch + 1, step=run.global_step)
+            notify(cbs, "on_epoch_end", run)
+            if run.finished():
                 break
-        run.skip_batches = 0
-        if run.stop_reason and run.batch_in_epoch < len(mine):
-            break  # stopped inside the epoch: it did not end
-        if run.global_step > steps_before:
-            run.log.epoch(epoch + 1, step=run.global_step)
-        notify(cbs, "on_epoch_end", run)
-        if run.finished():
-            break
-    progress.close()
-    if run.stop_reason:
-        run.log.event("stopped", step=run.global_step, epoch=run.epoch + 1, reason=run.stop_reason)
-    notify(cbs, "on_train_end", run)
-    run.log.event("done", step=run.global_step, epoch=run.epoch + 1, seconds=round(time.time() - run.started_at, 2))
-    run.log.close()
-    if run.world > 1:
-        run.accelerator.wait_for_everyone()
-    run.network.restore()
+        if run.interrupted and run.global_step >= run.max_steps:
+            run.interrupted = run.stop_reason = ""  # the signal came during the last step: the run is complete
+        if run.stop_reason:
+            run.log.event("stopped", step=run.global_step, epoch=run.epoch + 1, reason=run.stop_reason)
+        notify(cbs, "on_train_end", run)
+        run.log.event("done", step=run.global_step, epoch=run.epoch + 1, seconds=round(time.time() - run.started_at, 2))
+        if run.world > 1:
+            run.accelerator.wait_for_everyone()
+    finally:
+        progress.close()
+        notify(cbs, "teardown", run)
+        run.log.close()
+        run.network.restore()
     return TrainResult(final_file=run.final_file if run.is_main else None, saved_files=run.saved,
                        sample_files=run.samples, global_step=run.global_step, epochs=run.epoch + 1,
                        log_file=run.log.jsonl_path, last_loss=run.last_loss, stop_reason=run.stop_reason,

@@ -55,10 +55,10 @@ class Recipe:
         return {}
 
     def callbacks(self, run: Run) -> list[Callback]:
-        """The recipe's callbacks, run before the caller's: by default the validation loss (when the run has
-        validation images), then the config's save and sample cadence; Ctrl-C saves a state to resume from."""
+        """The recipe's callbacks, run before the caller's: by default Ctrl-C handling (a state to resume
+        from), the config's save cadence, the validation loss (when the run has validation images), samples."""
         from loralab.train.callbacks import SampleImages, SaveCheckpoints, StopOnSignal
         from loralab.train.validation import ValidationLoss
 
         validation = [ValidationLoss()] if run.val_dataset is not None else []
-        return [StopOnSignal(), *validation, SaveCheckpoints(), SampleImages()]
+        return [StopOnSignal(), SaveCheckpoints(), *validation, SampleImages()]

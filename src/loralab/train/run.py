@@ -104,9 +104,13 @@ class Run:
         """Ask `fit` to end the run cleanly after the current step (or epoch): the final file is saved."""
         self.stop_reason = reason
 
+    def reached_end(self) -> bool:
+        """At an epoch's end: all steps are done, or this was the last epoch."""
+        return self.global_step >= self.max_steps or self.epoch + 1 >= self.num_epochs
+
     def finished(self) -> bool:
         """The training is over: all steps done, the last epoch done, or a stop was asked for."""
-        return self.global_step >= self.max_steps or self.epoch + 1 >= self.num_epochs or bool(self.stop_reason)
+        return self.reached_end() or bool(self.stop_reason)
 
     def autocast(self):
         return autocast_for(self.device, self.weight_dtype)
@@ -127,14 +131,16 @@ def prepare(cfg: TrainConfig, recipe: Recipe) -> Run:
     cache_latents(run)
     cache_text_encoder_outputs(run)
     resume(run)
+    clear_earlier_run(run)
     setup_outputs(run)
     return run
 
 
 def earlier_run_files(out_dir: Path, name: str) -> list[Path]:
     """The files an earlier run with output_name `name` left in `out_dir`: `<name>.safetensors`,
-    `<name>-NNNNNN.safetensors`, `<name>-stepNNNNNNNN.safetensors` and their `-state` folders."""
-    pattern = re.compile(rf"{re.escape(name)}(-(\d{{6}}|step\d{{8}}))?(\.safetensors|-state)")
+    `<name>-NNNNNN.safetensors`, `<name>-stepNNNNNNNN.safetensors`, their `-state` folders and
+    `<name>-interrupted-state`."""
+    pattern = re.compile(rf"{re.escape(name)}(-(\d{{6}}|step\d{{8}}|interrupted))?(\.safetensors|-state)")
     return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name)) if out_dir.is_dir() else []
 
 
@@ -159,12 +165,26 @@ def check_outputs(cfg: TrainConfig) -> None:
             f"output_dir {cfg.output_dir} already holds files of a run named {cfg.output_name!r} ({names}); this run "
             "would replace them. Choose another output_name or output_dir, continue that run with resume = "
             "\"<its -state folder>\", or set overwrite = true to start over.")
-    log.warning("overwrite: deleting %s in %s", names, cfg.output_dir)
-    for p in earlier:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    old_log = Path(cfg.output_dir) / "train_log.jsonl"
-    if old_log.exists():
-        old_log.rename(old_log.with_name(f"train_log-before-{time.strftime('%Y%m%d%H%M%S')}.jsonl"))
+    log.info("overwrite: %s in %s will be replaced once the run is ready to start", names, cfg.output_dir)
+
+
+def clear_earlier_run(run: Run) -> None:
+    """`overwrite`: delete the earlier run's files of this output_name and keep its log aside, once
+    everything else is ready (a bad setting found later must not cost the old files); main process only."""
+    cfg = run.cfg
+    earlier = earlier_run_files(run.out_dir, cfg.output_name)
+    if run.is_main and earlier and cfg.overwrite and not cfg.resume:
+        log.warning("overwrite: deleting %s in %s", ", ".join(p.name for p in earlier), run.out_dir)
+        try:
+            for p in earlier:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            old_log = run.out_dir / "train_log.jsonl"
+            if old_log.exists():
+                old_log.rename(old_log.with_name(f"train_log-before-{time.strftime('%Y%m%d%H%M%S')}.jsonl"))
+        except OSError as e:
+            raise LoralabError(f"overwrite: cannot delete the earlier run's files in {run.out_dir}: {e}") from None
+    if run.world > 1:
+        run.accelerator.wait_for_everyone()
 
 
 def pick_device(name: str) -> torch.device:
@@ -198,7 +218,8 @@ def setup_dataset(run: Run) -> None:
                                   caption_extension=cfg.caption_extension, enable_wildcard=cfg.enable_wildcard)
     run.subsets, val_subsets = split_validation(scanned, cfg.validation_split, cfg.validation_seed or cfg.seed)
     if cfg.validation_data_dir:
-        val_subsets += scan_folder_dataset(cfg.validation_data_dir, caption_extension=cfg.caption_extension)
+        val_subsets += scan_folder_dataset(cfg.validation_data_dir, caption_extension=cfg.caption_extension,
+                                           enable_wildcard=cfg.enable_wildcard)
     steps = 32 if family_hint == "sdxl" else 64
     run.dataset = FolderDataset(run.subsets, batch_size=cfg.train_batch_size, required_reso_steps=steps,
                                 **cfg.bucket_options())
