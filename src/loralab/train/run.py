@@ -255,19 +255,11 @@ def count_steps(run: Run, batches_per_epoch: int) -> None:
 def check_optimizer(run: Run) -> None:
     """Build the optimizer and LR schedule once on a dummy parameter, before the model loads: a bad
     optimizer_type, optimizer_args or scheduler setting fails in a second, not after the load."""
-    from loralab.train.optim import create_optimizer, create_scheduler, parse_optimizer_args, resolve_warmup_steps
-
-    cfg = run.cfg
     optim_log = logging.getLogger("loralab.train.optim")
     level = optim_log.level
     optim_log.setLevel(logging.ERROR)  # its advice is logged once, when the real optimizer is built
     try:
-        dummy = torch.nn.Parameter(torch.zeros(1))
-        opt, _ = create_optimizer(cfg.optimizer_type, [{"params": [dummy]}], cfg.learning_rate,
-                                  parse_optimizer_args(cfg.optimizer_args))
-        create_scheduler(cfg.lr_scheduler, opt, warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps, run.max_steps),
-                         total_steps=run.max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
-                         power=cfg.lr_scheduler_power, initial_lr=cfg.learning_rate)
+        build_optimizer(run.cfg, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], run.max_steps)
     finally:
         optim_log.setLevel(level)
 
@@ -336,21 +328,26 @@ def lora_param_groups(run: Run) -> list[dict]:
                                     text_encoder_lr=te_lr if run.train_te else 0, learning_rate=cfg.learning_rate)
 
 
-def setup_optimizer(run: Run, groups: list[dict]) -> None:
-    """Optimizer, LR schedule (over max_steps) and, for fp16, the loss scaler."""
+def build_optimizer(cfg: TrainConfig, groups: list[dict], max_steps: int) -> tuple[Any, str, Any]:
+    """(optimizer, its ss_optimizer description, LR schedule over max_steps) from the config's keys."""
     from loralab.train.optim import create_optimizer, create_scheduler, parse_optimizer_args, resolve_warmup_steps
 
-    cfg = run.cfg
+    optimizer, desc = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
+                                       parse_optimizer_args(cfg.optimizer_args))
+    scheduler = create_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps,
+                                                                                                max_steps),
+                                 total_steps=max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
+                                 power=cfg.lr_scheduler_power, initial_lr=cfg.learning_rate)
+    return optimizer, desc, scheduler
+
+
+def setup_optimizer(run: Run, groups: list[dict]) -> None:
+    """Optimizer, LR schedule (over max_steps) and, for fp16, the loss scaler."""
     run.params = [p for g in groups for p in g["params"]]
     if not run.params:
         raise LoralabError("nothing to train: both the UNet and the text-encoder LoRA are switched off")
-    run.optimizer, run.optimizer_desc = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
-                                                         parse_optimizer_args(cfg.optimizer_args))
-    run.lr_scheduler = create_scheduler(cfg.lr_scheduler, run.optimizer,
-                                        warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps, run.max_steps),
-                                        total_steps=run.max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
-                                        power=cfg.lr_scheduler_power, initial_lr=cfg.learning_rate)
-    run.scaler = torch.amp.GradScaler(run.device.type) if cfg.mixed_precision == "fp16" else None
+    run.optimizer, run.optimizer_desc, run.lr_scheduler = build_optimizer(run.cfg, groups, run.max_steps)
+    run.scaler = torch.amp.GradScaler(run.device.type) if run.cfg.mixed_precision == "fp16" else None
 
 
 def encode_images(run: Run, images: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,13 @@ def batch_latents(run: Run, batch: list, flips: list[bool]) -> torch.Tensor:
     return encode_images(run, images)
 
 
-def text_conditioning(run: Run, captions: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The UNet's encoder_hidden_states and added_cond_kwargs (SDXL: text_embeds) for captions."""
+def text_conditioning(run: Run, captions: list[str], cached: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The UNet's encoder_hidden_states and added_cond_kwargs (SDXL: text_embeds) for captions: from the
+    text-encoder cache when the run has one (and `cached`), else encoded now."""
     from loralab.models.text import unet_text_conditioning
 
-    outputs = run.te_cache.get(captions, run.device) if run.te_cache is not None else encode_prompts(run, captions)
+    use_cache = cached and run.te_cache is not None
+    outputs = run.te_cache.get(captions, run.device) if use_cache else encode_prompts(run, captions)
     hidden, added = unet_text_conditioning(run.model.family, outputs)
     return hidden.to(run.device), {k: v.to(run.device) for k, v in added.items()}
 
@@ -62,7 +64,7 @@ def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.G
     from loralab.models.sdxl import batch_time_ids
     from loralab.train import noise as N
 
-    cfg, model, dtype = run.cfg, run.model, run.weight_dtype
+    cfg = run.cfg
     captions = [process_caption(s.entry.caption, run.caption_opts, epoch=run.epoch + 1, rng=rng,
                                 step=run.global_step, max_train_steps=run.max_steps) for s in batch]
     flips = [cfg.flip_aug and rng.random() < 0.5 for _ in batch]
@@ -74,14 +76,24 @@ def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.G
                                            run.device)
     noise, noisy, timesteps = N.make_noisy_latents(latents, run.noise_scheduler, **cfg.noise_options(),
                                                    generator=generator)
+    weights = N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight).to(run.device)
+    return loss_of_prediction(run, latents, noise, noisy, timesteps, cond, added, weights).mean()
+
+
+def loss_of_prediction(run: Run, latents: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor,
+                       timesteps: torch.Tensor, cond: torch.Tensor, added: dict[str, torch.Tensor],
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's prediction for the noisy latents against its target (ε or v), as a per-sample loss
+    (× `weights`, × the min-SNR weight): `train/noise.py` loss_per_sample."""
+    from loralab.train import noise as N
+
+    model, dtype = run.model, run.weight_dtype
     with run.autocast():
         pred = model.unet(noisy.to(dtype), timesteps, cond.to(dtype), added_cond_kwargs=added or None).sample
     target = N.training_target(run.noise_scheduler, latents, noise, timesteps, model.v_parameterization)
-    weights = N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight).to(run.device)
-    loss = N.loss_per_sample(pred.float(), target.float(), loss_weights=weights, timesteps=timesteps,
-                             scheduler=run.noise_scheduler, min_snr_gamma=cfg.min_snr_gamma or None,
+    return N.loss_per_sample(pred.float(), target.float(), loss_weights=weights, timesteps=timesteps,
+                             scheduler=run.noise_scheduler, min_snr_gamma=run.cfg.min_snr_gamma or None,
                              v_parameterization=model.v_parameterization)
-    return loss.mean()
 
 
 def nan_guard(run: Run, loss: torch.Tensor) -> None:

@@ -7,9 +7,9 @@ count), never in a training batch.
     validation loss = mean over images i and timesteps t in VALIDATION_TIMESTEPS of
                       the training loss of image i noised to t with noise ε_i,t
 
-Everything random is fixed by `validation_seed` (0 = seed): the VAE latent of each image, the noise
-ε_i,t; captions are used as written (no shuffle or dropout), the network runs in eval mode (no
-dropouts). So successive values differ only because the weights changed, and validating the same
+Everything random is fixed by `validation_seed` (0 = seed): the VAE latent of each image (encoded once,
+at the first validation), the noise ε_i,t; captions are used as written (no shuffle or dropout), the
+network runs in eval mode (no dropouts). So successive values differ only because the weights changed, and validating the same
 weights twice gives the same number. The training's random state is left as it was.
 Logged as kohya does: loss/validation/step_current and step_average every validate_every_n_steps,
 loss/validation/epoch_average and epoch_divergence (validation − training epoch average) every
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import dataclass
 
 import torch
 
 from loralab.train.callbacks import Callback
-from loralab.train.run import Run, encode_images, encode_prompts
+from loralab.train.run import Run, encode_images
+from loralab.train.step import loss_of_prediction, text_conditioning
 
 VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)  # kohya's fixed set (train_network.py)
 
@@ -40,58 +42,65 @@ def validation_batches(run: Run) -> list[list]:
     return batches[:run.cfg.max_validation_steps] if run.cfg.max_validation_steps else batches
 
 
-@torch.no_grad()
-def validation_loss(run: Run, batches: list[list] | None = None) -> float:
-    """The validation loss of the current weights (see the module docstring)."""
-    from loralab.data.captions import process_caption
-    from loralab.models.sdxl import batch_time_ids
-    from loralab.models.text import unet_text_conditioning
-    from loralab.train import noise as N
+@dataclass
+class ValidationBatch:
+    """What does not change between validations: the latents, captions and SDXL ids of one batch."""
+    latents: torch.Tensor
+    captions: list[str]
+    time_ids: torch.Tensor | None
 
-    cfg, model = run.cfg, run.model
-    seed = cfg.validation_seed or cfg.seed
+
+@torch.no_grad()
+def validation_inputs(run: Run) -> list[ValidationBatch]:
+    """Each validation batch encoded once: its images' VAE latents (posterior sampled with a fixed seed),
+    its captions as written, its SDXL size/crop ids. The training's random state is left as it was."""
+    from loralab.data.captions import process_caption
+    from loralab.data.images import prepare_image
+    from loralab.models.sdxl import batch_time_ids
+
+    seed = run.cfg.validation_seed or run.cfg.seed
     opts = dataclasses.replace(run.caption_opts, shuffle_caption=False, caption_dropout_rate=0.0,
                                caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_step=0)
+    inputs = []
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        for bi, batch in enumerate(validation_batches(run)):
+            torch.manual_seed(seed * 7919 + bi)  # the VAE's posterior sample
+            images = torch.stack([prepare_image(s.entry.path, s.choice, flip=False) for s in batch])
+            time_ids = (batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch],
+                                       [False] * len(batch), run.device) if run.sdxl else None)
+            inputs.append(ValidationBatch(
+                latents=encode_images(run, images),
+                captions=[process_caption(s.entry.caption, opts, epoch=1, rng=random.Random(0)) for s in batch],
+                time_ids=time_ids))
+    return inputs
+
+
+@torch.no_grad()
+def validation_loss(run: Run, inputs: list[ValidationBatch] | None = None) -> float:
+    """The validation loss of the current weights (see the module docstring); `inputs` from
+    `validation_inputs` (computed here when not given)."""
+    seed = run.cfg.validation_seed or run.cfg.seed
     modes = [(m, m.training) for m in run.network.modules()]
     run.network.eval()
     total, count = 0.0, 0
     try:
-        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            for bi, batch in enumerate(batches if batches is not None else validation_batches(run)):
-                torch.manual_seed(seed * 7919 + bi)  # the VAE's posterior sample
-                images = torch.stack([_image(s) for s in batch])
-                latents = encode_images(run, images)
-                captions = [process_caption(s.entry.caption, opts, epoch=1, rng=random.Random(0)) for s in batch]
-                with run.autocast():
-                    cond, added = unet_text_conditioning(model.family, encode_prompts(run, captions))
-                cond, added = cond.to(run.device), {k: v.to(run.device) for k, v in added.items()}
-                if run.sdxl:
-                    added["time_ids"] = batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch],
-                                                       [False] * len(batch), run.device)
-                for t in VALIDATION_TIMESTEPS:
-                    gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + bi * 1009 + t)
-                    noise = torch.randn(latents.shape, generator=gen).to(run.device, latents.dtype)
-                    timesteps = torch.full((len(batch),), t, dtype=torch.long, device=run.device)
-                    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-                    with run.autocast():
-                        pred = model.unet(noisy.to(run.weight_dtype), timesteps, cond.to(run.weight_dtype),
-                                          added_cond_kwargs=added or None).sample
-                    target = N.training_target(run.noise_scheduler, latents, noise, timesteps, model.v_parameterization)
-                    loss = N.loss_per_sample(pred.float(), target.float(), timesteps=timesteps,
-                                             scheduler=run.noise_scheduler, min_snr_gamma=cfg.min_snr_gamma or None,
-                                             v_parameterization=model.v_parameterization)
-                    total += float(loss.sum())
-                    count += len(batch)
+        for bi, vb in enumerate(inputs if inputs is not None else validation_inputs(run)):
+            with run.autocast():  # encoded now: a trained text-encoder LoRA changes it
+                cond, added = text_conditioning(run, vb.captions, cached=False)
+            if vb.time_ids is not None:
+                added["time_ids"] = vb.time_ids
+            for t in VALIDATION_TIMESTEPS:
+                gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + bi * 1009 + t)
+                noise = torch.randn(vb.latents.shape, generator=gen).to(run.device, vb.latents.dtype)
+                timesteps = torch.full((len(vb.captions),), t, dtype=torch.long, device=run.device)
+                noisy = run.noise_scheduler.add_noise(vb.latents, noise, timesteps)
+                loss = loss_of_prediction(run, vb.latents, noise, noisy, timesteps, cond, added)
+                total += float(loss.sum())
+                count += len(vb.captions)
     finally:
         for m, mode in modes:
             m.training = mode
     return total / max(count, 1)
-
-
-def _image(sample) -> torch.Tensor:
-    from loralab.data.images import prepare_image
-
-    return prepare_image(sample.entry.path, sample.choice, flip=False)
 
 
 class ValidationLoss(Callback):
@@ -100,11 +109,17 @@ class ValidationLoss(Callback):
 
     def __init__(self) -> None:
         self.step_values: list[float] = []
+        self.inputs: list[ValidationBatch] | None = None  # encoded at the first validation, kept
+
+    def loss(self, run: Run) -> float:
+        if self.inputs is None:
+            self.inputs = validation_inputs(run)
+        return validation_loss(run, self.inputs)
 
     def on_step_end(self, run: Run) -> None:
         n = run.cfg.validate_every_n_steps
         if n and run.global_step % n == 0 and run.is_main:
-            value = validation_loss(run)
+            value = self.loss(run)
             self.step_values.append(value)
             run.metrics["val"] = value
             run.log.validation(run.global_step, run.epoch + 1, {
@@ -114,7 +129,7 @@ class ValidationLoss(Callback):
     def on_epoch_end(self, run: Run) -> None:
         n = run.cfg.validate_every_n_epochs
         if n and (run.epoch + 1) % n == 0 and run.is_main:
-            value = validation_loss(run)
+            value = self.loss(run)
             run.metrics["val"] = value
             train_average = run.log.recorder.moving_average
             run.log.validation(run.global_step, run.epoch + 1, {
