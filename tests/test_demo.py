@@ -141,3 +141,12 @@ def test_quick_demo_writes_grids_loss_and_report(tmp_path):
     assert set(data["runs"]) == {"reg", "noreg"}
     assert 1 <= data["recommended"]["epoch"] <= epochs
     assert (out / data["recommended"]["file"]).is_file()
+    # every run is reviewed by `loralab review` (same code), with the evaluator only as its ground truth
+    assert "## What `loralab review` recommends, without the evaluator" in text
+    for name in ("reg", "noreg"):
+        rv = data["runs"][name]["review"]
+        assert 1 <= rv["epoch"] <= epochs and 0.0 <= rv["share_of_best"] <= 1.0
+        review = json.loads((out / f"train_{name}" / "review" / "review.json").read_text())
+        assert review["recommended_epoch"] == rv["epoch"]
+        assert sorted(review["judged"]) == [str(e) for e in range(epochs + 1)]
+        assert (out / f"train_{name}" / "review" / "grid.png").is_file()

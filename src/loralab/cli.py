@@ -327,6 +327,62 @@ def _add_generate_parser(sub) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+def cmd_review(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from loralab.review.review import ReviewOptions, review_run
+
+    try:
+        weights = tuple(float(w) for w in args.weights.split(","))
+    except ValueError:
+        raise LoralabError(f"--weights {args.weights!r}: comma-separated numbers, e.g. 0,0.5,1,1.5,2") from None
+    opts = ReviewOptions(model=args.model, prompts=args.prompts, out=args.out, name=args.name, weights=weights,
+                         device=args.device, precision=args.precision, batch_size=args.batch_size, seed=args.seed,
+                         max_prompts=args.max_prompts)
+    judge = None if args.no_lab_scores else _lab_judge(Path(args.folder), opts)
+    result = review_run(Path(args.folder), opts, judge=judge)
+    print(f"review: {result.report}")
+    print(f"recommended epoch: {result.recommended}" + ("  (overfitting alarm: see the review)" if result.alarm else ""))
+    return 0
+
+
+def _lab_judge(folder, opts):
+    """The lab evaluator as the review's ground truth, when the run was trained on the shipped lab model."""
+    from pathlib import Path
+
+    from loralab.lab.model import lab_model_path
+    from loralab.review.runlog import read_run
+
+    model = opts.model or read_run(folder, opts.name).config.get("pretrained_model_name_or_path") or ""
+    if not model or not Path(model).exists() or Path(model).resolve() != lab_model_path().resolve():
+        return None
+    from loralab.lab.judge import lab_judge
+
+    return lab_judge(folder, opts.name, device=opts.device or "cpu")
+
+
+def _add_review_parser(sub) -> None:
+    r = sub.add_parser("review", help="judge a run's epochs: loss graph, sample grid, weight sweep, memorisation, "
+                                      "recommended epoch and overfitting alarm",
+                       description="Reads OUTPUT_DIR (a training run's folder: train_log.jsonl and the epoch files) "
+                                   "and writes OUTPUT_DIR/review/review.md with PNGs.")
+    r.add_argument("folder", metavar="OUTPUT_DIR", help="the run's output_dir")
+    r.add_argument("--model", default="", help="base model (default: the one the run logged)")
+    r.add_argument("--prompts", default="", help="prompt file, kohya syntax (default: the run's sample_prompts, "
+                                                 "else its training captions)")
+    r.add_argument("--weights", default="0,0.5,1,1.5,2", help="LoRA weights of the sweep (default 0,0.5,1,1.5,2)")
+    r.add_argument("--out", default="", help="output folder (default: OUTPUT_DIR/review)")
+    r.add_argument("--name", default="", help="output_name, when the folder holds several runs")
+    r.add_argument("--max-prompts", type=int, default=8, help="at most this many prompts (default 8)")
+    r.add_argument("--seed", type=int, default=0, help="seed of prompt i without --d: seed + i (default: the run's seed)")
+    r.add_argument("--batch-size", type=int, default=8, help="images per UNet call (default 8)")
+    r.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    r.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--no-lab-scores", action="store_true",
+                   help="on a lab-model run, skip the lab evaluator's scores (faster)")
+    r.set_defaults(func=cmd_review)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA trainer and troubleshooting lab for Stable Diffusion")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -341,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a much smaller run (about a minute)")
     d.set_defaults(func=cmd_demo)
     _add_generate_parser(sub)
+    _add_review_parser(sub)
     _add_analysis_parsers(sub)
     return p
 

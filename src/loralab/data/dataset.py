@@ -199,6 +199,7 @@ def scan_folder_dataset(
     caption_extension: str = ".caption",
     enable_wildcard: bool = False,
     class_tokens_fallback: bool = True,
+    key: str = "train_data_dir",
 ) -> list[Subset]:
     """Scan kohya's folder layout: train subsets first, then reg subsets, each with its images.
 
@@ -219,7 +220,7 @@ def scan_folder_dataset(
     if caption_extension and not caption_extension.startswith("."):
         log.warning("caption_extension %r has no leading dot: using %r", caption_extension, "." + caption_extension)
         caption_extension = "." + caption_extension
-    roots = [(Path(train_data_dir), "train_data_dir", False)]
+    roots = [(Path(train_data_dir), key, False)]  # key: the config key named in messages
     if reg_data_dir:
         roots.append((Path(reg_data_dir), "reg_data_dir", True))
     result: list[Subset] = []

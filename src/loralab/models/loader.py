@@ -57,6 +57,7 @@ class BaseModel:
     vae_scaling_factor: float  # 0.18215 sd1/sd2, 0.13025 sdxl, or metadata `loralab.vae_scaling_factor`
     source: str  # the path loaded
     model_hash: str  # sha256 of the file (for ss_new_sd_model_hash), "" for folders
+    sample_clip: bool = True  # samplers clip the predicted x0 (kohya); off for a file marked `loralab.sample_clip: 0`
 
     def noise_scheduler(self) -> DDPMScheduler:
         """kohya's training scheduler: DDPM, 1000 steps, scaled_linear betas 0.00085..0.012, no sample
@@ -316,7 +317,22 @@ def load_base_model(
         vae_scaling_factor=scaling,
         source=str(path),
         model_hash=model_hash,
+        sample_clip=_sample_clip(path),
     )
+
+
+def _sample_clip(path: Path) -> bool:
+    """kohya's samplers clip the predicted x0 to [-1, 1]. A model whose latents often lie outside that range
+    says `loralab.sample_clip: "0"` in its metadata (the lab model, whose latents are scaled to unit variance,
+    is marked by `loralab.lab_model`) and is sampled without clipping, as it was trained to be."""
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return True
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # a damaged header was reported when the model loaded
+        return True
+    return not (meta.get("loralab.sample_clip") == "0" or meta.get("loralab.lab_model") == "1")
 
 
 # ---------------------------------------------------------------------------------------------- saving

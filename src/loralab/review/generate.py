@@ -5,21 +5,40 @@ command: each prompt in kohya's line syntax (`prompt --n neg --w 512 --h 512 --d
 --ss sampler`), fixed seeds (`--d`, else seed + prompt index), the sampler code of training samples
 (`train/sampling.py`), so an image here and a sample image of the same settings are the same picture.
 Several LoRAs stack (each adds weight · its delta); weight 0 gives the base model's image.
+
+`SamplingModel` (a base model loaded for drawing, LoRAs applied and removed) is shared with `loralab review`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from loralab.errors import LoralabError
 
 log = logging.getLogger(__name__)
+
+
+def choose_threads(threads: int | None, device: str) -> int | None:
+    """Torch CPU threads for the demo. None = automatic: on a CPU whose load average is already above one
+    (other programs running), 1 thread; else torch's default. Why: this model's kernels are tiny, and when
+    the cores are busy, torch's worker threads wait on each other and every step gets 10-20× slower
+    (measured on 2 shared cores: 26 samples in 5.7 s with 1 thread, 102 s with 2), while on idle cores
+    2 threads are only ~1.6× faster than 1."""
+    import os
+
+    if threads is not None or torch.device(device).type != "cpu":
+        return threads
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    return 1 if load > 1.0 else None
 
 
 @dataclass
@@ -37,52 +56,110 @@ def parse_lora_arg(text: str) -> LoraSpec:
     return LoraSpec(Path(path), weight)
 
 
+@dataclass
+class SamplingModel:
+    """A base model on `device`, frozen, ready for the sampler; LoRAs come and go with `apply` / `remove`.
+
+    `clip_skip` and `max_token_length` as in training (a LoRA trained with clip_skip 2 wants it here too)."""
+
+    model: Any  # models.loader.BaseModel
+    model_path: str
+    device: torch.device
+    dtype: torch.dtype
+    clip_skip: int = 0
+    max_token_length: int = 75
+    networks: list = field(default_factory=list)
+
+    @classmethod
+    def load(cls, model_path: str | Path, *, device: str = "", precision: str = "fp32", vae: str | None = None,
+             v_parameterization: bool = False, clip_skip: int = 0, max_token_length: int = 75) -> "SamplingModel":
+        from loralab.models.loader import load_base_model
+        from loralab.train.run import move_frozen
+
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise LoralabError(f"precision {precision!r}: one of fp32, fp16, bf16")
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        model = load_base_model(model_path, vae=vae, v_parameterization=v_parameterization or None)
+        for m in (model.unet, model.vae, *model.text_encoders):
+            m.requires_grad_(False).eval()
+            move_frozen(m, dev, dtype if m is model.unet else torch.float32)
+        return cls(model, str(model_path), dev, dtype, clip_skip, max_token_length)
+
+    @property
+    def default_sampler(self) -> str:
+        return "euler_a" if self.model.family == "sdxl" else "ddim"
+
+    def apply(self, path: str | Path, weight: float = 1.0):
+        """Load the LoRA file `path` onto the model at `weight`; returns the network (`set_multiplier`
+        changes its weight). A file that does not fit the model is a LoralabError naming both."""
+        from loralab.network.lora import LoRANetwork
+
+        m = self.model
+        try:
+            net = LoRANetwork.from_weights(path, m.unet, m.text_encoders, m.family, multiplier=weight)
+        except LoralabError as e:
+            raise LoralabError(f"{path}: it does not fit the base model {self.model_path} ({m.family}); pick the "
+                               f"base model it was trained on. Details: {e}") from None
+        net.apply_to()
+        net.to(self.device, dtype=torch.float32)
+        net.eval()
+        self.networks.append(net)
+        return net
+
+    def remove(self) -> None:
+        """Take every applied LoRA off the model (the base model's weights are untouched)."""
+        while self.networks:
+            self.networks.pop().restore()
+
+    def conditioning(self, texts: list[str]):
+        from loralab.models.text import encode_captions, unet_text_conditioning
+
+        m = self.model
+        outputs = encode_captions(m.family, m.text_encoders, m.tokenizers, texts,
+                                  max_token_length=self.max_token_length, clip_skip=self.clip_skip or None)
+        hidden, added = unet_text_conditioning(m.family, outputs)
+        return hidden.to(self.dtype), added
+
+    def _common(self, sampler: str, seed: int) -> dict:
+        m = self.model
+        return dict(unet=m.unet, vae=m.vae, vae_scaling_factor=m.vae_scaling_factor, encode_prompt=self.conditioning,
+                    scheduler_config=dict(m.noise_scheduler().config), device=self.device, dtype=self.dtype,
+                    default_seed=seed, v_parameterization=m.v_parameterization,
+                    sampler=sampler or self.default_sampler, eval_modules=list(self.networks),
+                    clip_sample=getattr(m, "sample_clip", True))
+
+    def save_images(self, prompts: Sequence, out_dir: str | Path, *, sampler: str = "", seed: int = 0,
+                    file_stem: str = "gen") -> list[Path]:
+        """`generate_samples` with the applied LoRAs: one PNG per prompt in `out_dir`."""
+        from loralab.train.sampling import generate_samples
+
+        return generate_samples(prompts=prompts, out_dir=out_dir, file_stem=file_stem, **self._common(sampler, seed))
+
+    def draw(self, prompts: Sequence, *, sampler: str = "", seed: int = 0, batch_size: int = 8) -> list:
+        """`draw_images` with the applied LoRAs: PIL images, several prompts per UNet call."""
+        from loralab.train.sampling import draw_images
+
+        return draw_images(prompts, batch_size=batch_size, **self._common(sampler, seed))
+
+
 def generate(model_path: str | Path, prompts: Sequence, out_dir: str | Path, *, loras: Sequence[LoraSpec] = (),
              device: str = "", precision: str = "fp32", sampler: str = "", seed: int = 0,
              clip_skip: int = 0, max_token_length: int = 75, vae: str | None = None,
              v_parameterization: bool = False,
              file_stem: str = "gen") -> list[Path]:
     """Draw each prompt (`SamplePrompt`s) with the LoRAs applied; returns the PNG paths in `out_dir`.
-    `clip_skip` and `max_token_length` as in training (a LoRA trained with clip_skip 2 wants it here too);
     `v_parameterization` for v-prediction models (SD 2.x 768-v) whose file does not say so."""
-    from loralab.models.loader import load_base_model
-    from loralab.models.text import encode_captions, unet_text_conditioning
-    from loralab.network.lora import LoRANetwork
-    from loralab.train.run import move_frozen
-    from loralab.train.sampling import generate_samples
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    model = load_base_model(model_path, vae=vae, v_parameterization=v_parameterization or None)
-    for m in (model.unet, model.vae, *model.text_encoders):
-        m.requires_grad_(False).eval()
-        move_frozen(m, dev, dtype if m is model.unet else torch.float32)
-    networks = []
+    sm = SamplingModel.load(model_path, device=device, precision=precision, vae=vae,
+                            v_parameterization=v_parameterization, clip_skip=clip_skip,
+                            max_token_length=max_token_length)
     try:
         for spec in loras:
             try:
-                net = LoRANetwork.from_weights(spec.path, model.unet, model.text_encoders, model.family,
-                                               multiplier=spec.weight)
+                sm.apply(spec.path, spec.weight)
             except LoralabError as e:
-                raise LoralabError(f"--lora {spec.path}: it does not fit the base model {model_path} "
-                                   f"({model.family}); pick a LoRA trained for this model. Details: {e}") from None
-            net.apply_to()
-            net.to(dev, dtype=torch.float32)
-            networks.append(net)
+                raise LoralabError(f"--lora {e}") from None
             log.info("LoRA %s at weight %s", spec.path.name, spec.weight)
-
-        def conditioning(texts: list[str]):
-            outputs = encode_captions(model.family, model.text_encoders, model.tokenizers, texts,
-                                      max_token_length=max_token_length, clip_skip=clip_skip or None)
-            hidden, added = unet_text_conditioning(model.family, outputs)
-            return hidden.to(dtype), added
-
-        return generate_samples(unet=model.unet, vae=model.vae, vae_scaling_factor=model.vae_scaling_factor,
-                                encode_prompt=conditioning, scheduler_config=dict(model.noise_scheduler().config),
-                                prompts=prompts, out_dir=out_dir, file_stem=file_stem, device=dev, dtype=dtype,
-                                default_seed=seed, v_parameterization=model.v_parameterization,
-                                sampler=sampler or ("euler_a" if model.family == "sdxl" else "ddim"),
-                                eval_modules=networks)
+        return sm.save_images(prompts, out_dir, sampler=sampler, seed=seed, file_stem=file_stem)
     finally:
-        for net in reversed(networks):
-            net.restore()
+        sm.remove()

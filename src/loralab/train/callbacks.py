@@ -131,7 +131,7 @@ def sample(run: Run, stem: str) -> None:
                              prompts=run.prompts, out_dir=run.out_dir / "sample", file_stem=stem, device=run.device,
                              dtype=dtype, default_seed=run.cfg.seed, v_parameterization=model.v_parameterization,
                              sampler=run.cfg.sample_sampler or ("euler_a" if run.sdxl else "ddim"),
-                             eval_modules=[run.network])
+                             eval_modules=[run.network], clip_sample=getattr(model, "sample_clip", True))
     run.samples.extend(files)
 
 

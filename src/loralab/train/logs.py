@@ -35,7 +35,7 @@ from loralab.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOG_FILE_NAME", "LossRecorder", "TrainLog", "plot_loss", "read_train_log"]
+__all__ = ["LOG_FILE_NAME", "LossRecorder", "TrainLog", "latest", "plot_loss", "read_train_log"]
 
 LOG_FILE_NAME = "train_log.jsonl"
 
@@ -259,6 +259,17 @@ def read_train_log(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def latest(records: Iterable[Mapping[str, Any]], kind: str, key: str = "step") -> list[Mapping[str, Any]]:
+    """The records of `kind`, the last one per `key` value (a resumed run logs the steps after its state
+    again: the later record is the one the finished run stands on), in `key` order."""
+    out: dict[Any, Mapping[str, Any]] = {}
+    for r in records:
+        if r.get("kind") == kind and key in r:
+            out.pop(r[key], None)
+            out[r[key]] = r
+    return sorted(out.values(), key=lambda r: r[key])
+
+
 def plot_loss(records: Iterable[Mapping[str, Any]], out_png: str | Path, *, title: str | None = None) -> Path:
     """Loss curve PNG: per-step loss (faint), kohya's moving average (loss/average), epoch averages as
     points at the step where each epoch ended, and validation averages when present. Written atomically."""
@@ -266,8 +277,8 @@ def plot_loss(records: Iterable[Mapping[str, Any]], out_png: str | Path, *, titl
     from matplotlib.figure import Figure
 
     records = list(records)
-    steps = [r for r in records if r.get("kind") == "step" and "loss/current" in r]
-    epochs = [r for r in records if r.get("kind") == "epoch" and "loss/epoch_average" in r]
+    steps = [r for r in latest(records, "step") if "loss/current" in r]
+    epochs = [r for r in latest(records, "epoch", "epoch") if "loss/epoch_average" in r]
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

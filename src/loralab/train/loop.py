@@ -45,6 +45,8 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
     cbs = [*recipe.callbacks(run), *callbacks]
     progress = _progress(total=run.max_steps, initial=run.global_step, enabled=run.is_main)
     try:
+        run.log.event("resumed" if run.resumed_from is not None else "start", step=run.global_step,
+                      epoch=run.epoch + 1, config=run_config(run))
         notify(cbs, "on_train_start", run)
         run.network.train()
         first_epoch = run.epoch
@@ -102,6 +104,15 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
                        sample_files=run.samples, global_step=run.global_step, epochs=run.epoch + 1,
                        log_file=run.log.jsonl_path, last_loss=run.last_loss, stop_reason=run.stop_reason,
                        interrupted=run.interrupted)
+
+
+def run_config(run: Run) -> dict:
+    """The run's config as JSON values, logged with the start event (what `loralab review` reads back)."""
+    import dataclasses
+
+    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else
+            ([str(x) for x in v] if isinstance(v, (list, tuple)) else str(v))
+            for k, v in dataclasses.asdict(run.cfg).items()}
 
 
 def shard(batches: list, rank: int, world: int, per_proc: int) -> list:

@@ -219,7 +219,7 @@ def setup_dataset(run: Run) -> None:
     run.subsets, val_subsets = split_validation(scanned, cfg.validation_split, cfg.validation_seed or cfg.seed)
     if cfg.validation_data_dir:
         val_subsets += scan_folder_dataset(cfg.validation_data_dir, caption_extension=cfg.caption_extension,
-                                           enable_wildcard=cfg.enable_wildcard)
+                                           enable_wildcard=cfg.enable_wildcard, key="validation_data_dir")
     steps = 32 if family_hint == "sdxl" else 64
     run.dataset = FolderDataset(run.subsets, batch_size=cfg.train_batch_size, required_reso_steps=steps,
                                 **cfg.bucket_options())

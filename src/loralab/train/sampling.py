@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SAMPLERS",
     "SamplePrompt",
+    "draw_images",
     "generate_samples",
     "image_grid",
     "make_sampler",
@@ -472,6 +473,71 @@ def generate_samples(
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     return paths
+
+
+def draw_images(
+    prompts: Sequence[SamplePrompt],
+    *,
+    unet,
+    vae,
+    vae_scaling_factor: float,
+    encode_prompt: Callable,
+    scheduler_config: Mapping[str, Any] | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    default_seed: int = 0,
+    sampler: str = "ddim",
+    v_parameterization: bool = False,
+    clip_sample: bool = True,
+    batch_size: int = 8,
+    eval_modules: Sequence[torch.nn.Module] = (),
+) -> list[Image.Image]:
+    """The images of `prompts` as `generate_samples` draws them, several per UNet call and not saved.
+
+    Prompts with the same size, steps, guidance scale and sampler go through `denoise` together, up to
+    `batch_size` at a time; image i starts from the noise `generate_samples` gives it (a CPU generator
+    seeded with its `--d`, else `default_seed + i`). With a deterministic sampler (ddim, euler, dpmsolver++,
+    ...) image i is therefore the picture `generate_samples` draws (up to float rounding of a batched
+    UNet call); an ancestral sampler (euler_a, dpm_2_a) draws its step noise for the whole batch from
+    the first image's seed. Modes and the global RNG state are restored as in `generate_samples`."""
+    device = torch.device(device)
+    default_sampler = _check_sampler(sampler or "ddim", "sample_sampler")
+    factor = _vae_scale(vae)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        key = (p.width, p.height, p.steps, p.scale, _check_sampler(p.sampler or default_sampler, "--ss"))
+        groups.setdefault(key, []).append(i)
+    out: list[Image.Image | None] = [None] * len(prompts)
+    modules = [unet, *eval_modules]
+    modes = [(m, m.training) for root in modules for m in root.modules()]
+    cpu_rng = torch.get_rng_state()
+    try:
+        for root in modules:
+            root.eval()
+        with torch.no_grad():
+            for (w, h, steps, scale, name), idx in groups.items():
+                for start in range(0, len(idx), max(1, batch_size)):
+                    chunk = idx[start:start + max(1, batch_size)]
+                    seeds = [default_seed + i if prompts[i].seed is None else prompts[i].seed for i in chunk]
+                    shape = (1, unet.config.in_channels, h // factor, w // factor)
+                    noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s),
+                                                   dtype=torch.float32) for s in seeds])
+                    texts = [prompts[i].negative_prompt for i in chunk] if scale > 1.0 else []
+                    cond, added = _encode(encode_prompt, texts + [prompts[i].prompt for i in chunk])
+                    if getattr(unet.config, "addition_embed_type", None) == "text_time" and "time_ids" not in added:
+                        added["time_ids"] = sample_time_ids(w, h, cond.shape[0])  # SDXL
+                    latents = denoise(unet=unet, sampler=make_sampler(name, scheduler_config,
+                                      v_parameterization=v_parameterization, clip_sample=clip_sample),
+                                      prompt=prompts[chunk[0]], cond=cond, added=added, latent_shape=noise.shape,
+                                      generator=torch.Generator("cpu").manual_seed(seeds[0]), device=device,
+                                      dtype=dtype, noise=noise)
+                    for j, i in enumerate(chunk):
+                        out[i] = _latents_to_image(vae, latents[j:j + 1], vae_scaling_factor)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        torch.set_rng_state(cpu_rng)
+    return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------- grids
