@@ -58,7 +58,8 @@ def write_grid(path: Path, drawn, signals, prompts, controls, max_controls: int 
 
 
 def write_sweep(path: Path, drawn, signals, prompts) -> str | None:
-    """Rows: (epoch, weight); columns: the sweep prompts; each cell labelled with its saturation ratio."""
+    """Rows: (epoch, weight); columns: the sweep prompts; each cell labelled with its saturation against the
+    base model's image of its prompt, and whether its row (the set) burns."""
     from loralab.review import measure as M
     from loralab.train.sampling import image_grid
 
@@ -69,10 +70,11 @@ def write_sweep(path: Path, drawn, signals, prompts) -> str | None:
     cols = len(drawn.sweep[keys[0]])
     cells, labels = [], []
     for e, w in keys:
-        ratio, _, burned = M.burned(drawn.sweep[(e, w)], base[:cols])
-        for im in drawn.sweep[(e, w)]:
+        _, _, burned = M.burned(drawn.sweep[(e, w)], base[:cols])  # the row's verdict, over its images
+        for j, im in enumerate(drawn.sweep[(e, w)]):
+            cell, _, _ = M.burned([im], [base[j]])  # this cell's saturation against its base image
             cells.append(_cell(im))
-            labels.append(f"epoch {e} @ {w:g}: saturation x{ratio:.2f}{' BURNED' if burned else ''}")
+            labels.append(f"epoch {e} @ {w:g}: saturation x{cell:.2f}{' (row BURNED)' if burned else ''}")
     body = image_grid(cells, rows=len(keys), cols=cols, labels=labels)
     return _save(_with_header(body, [p.prompt for p in prompts[:cols]], body.width // max(1, cols)), path)
 
