@@ -240,5 +240,24 @@ def test_log_keeps_the_last_record_per_step(tmp_path):
     run = read_run(tmp_path)
     assert [r["loss/current"] for r in run.steps()] == [1.0, 1.0, 0.5]
     assert run.epoch_losses() == {1: 0.7} and run.output_name == "x" and run.epochs[0].steps == 3
-    with pytest.raises(LoralabError, match="no readable LoRA file of run 'y'"):
+    with pytest.raises(LoralabError, match="holds no run named 'y'"):
         read_run(tmp_path, "y")
+
+
+def test_runs_of_two_output_names_share_a_log(tmp_path):
+    from safetensors.torch import save_file
+
+    recs = []
+    for name, loss in (("a", 0.5), ("b", 0.25)):
+        recs += [{"kind": "event", "event": "start", "step": 0, "epoch": 1, "config": {"output_name": name}},
+                 {"kind": "step", "step": 1, "epoch": 1, "loss/current": loss},
+                 {"kind": "epoch", "step": 1, "epoch": 1, "loss/epoch_average": loss},
+                 {"kind": "event", "event": "done", "step": 1, "epoch": 1}]
+        save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(tmp_path / f"{name}.safetensors"), {"ss_epoch": "1"})
+    (tmp_path / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert read_run(tmp_path).output_name == "b"  # the last run logged
+    assert read_run(tmp_path).epoch_losses() == {1: 0.25}
+    assert read_run(tmp_path, "a").epoch_losses() == {1: 0.5} and read_run(tmp_path, "a").finished
+    with pytest.raises(LoralabError, match="holds no run named 'c'"):
+        read_run(tmp_path, "c")
+

@@ -7,7 +7,8 @@ Rules:
 - the log is `train_log.jsonl` (`train/logs.py`); a resumed run appends, so every series keeps the
   last record per step (per epoch for epoch records, `logs.latest`): what the finished run stands on.
 - the config is the one the run logged with its `start` / `resumed` event (the last one); a log from
-  before that event has none, and `--model` must name the base model.
+  before that event has none, and `--model` must name the base model. Several output_names in one folder
+  share its log: only the segments (from one start/resumed event to the next) of the reviewed run count.
 - the epoch files are `<output_name>-NNNNNN.safetensors` and the final `<output_name>.safetensors`, their
   epoch read from the file's own metadata (`ss_epoch`, `ss_steps`), so renamed numbering cannot mislead.
   Step saves (`-stepNNNNNNNN`) are not epochs. A file that cannot be read (truncated, not safetensors) is
@@ -144,9 +145,15 @@ def read_run(folder: str | Path, output_name: str = "") -> RunFolder:
     several runs' files."""
     folder = Path(folder)
     records = read_log(folder)
+    segments = log_segments(records)
+    named = [n for n, _ in segments if n]
+    name = output_name or (named[-1] if named else "") or _only_name(folder)
+    if any(n == name for n, _ in segments):
+        records = [r for n, seg in segments if n == name for r in seg]
+    elif named:
+        raise LoralabError(f"{folder / LOG_NAME} holds no run named {name!r} (it has: {', '.join(dict.fromkeys(named))})")
     starts = [r for r in records if r.get("kind") == "event" and r.get("event") in ("start", "resumed")]
     config = dict(starts[-1].get("config") or {}) if starts else {}
-    name = output_name or config.get("output_name") or _only_name(folder)
     epochs, problems = _epoch_files(folder, name)
     finished = {r["epoch"] for r in records if r.get("kind") == "epoch"}
     missing = sorted(finished - {e.epoch for e in epochs})
@@ -158,6 +165,19 @@ def read_run(folder: str | Path, output_name: str = "") -> RunFolder:
         raise LoralabError(f"{folder}: no readable LoRA file of run {name!r} ({name}-NNNNNN.safetensors or "
                            f"{name}.safetensors){': ' + '; '.join(problems) if problems else ''}")
     return RunFolder(folder, records, config, name, epochs, problems)
+
+
+def log_segments(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The log cut at each `start` / `resumed` event, with the output_name that event's config names:
+    runs of several output_names in one output_dir share one train_log.jsonl, and each reader takes its
+    own run's segments. Records before the first such event (a log from before the event existed) form a
+    segment named ""."""
+    out: list[tuple[str, list[dict[str, Any]]]] = [("", [])]
+    for r in records:
+        if r.get("kind") == "event" and r.get("event") in ("start", "resumed"):
+            out.append((str((r.get("config") or {}).get("output_name") or ""), []))
+        out[-1][1].append(r)
+    return [(n, seg) for n, seg in out if seg]
 
 
 def _only_name(folder: Path) -> str:
