@@ -207,3 +207,21 @@ def test_sd2_v_parameterization_run_metadata(tmp_path, tiny_sd2_checkpoint):
     assert md["ss_v2"] == "True" and md["ss_base_model_version"] == "sd_v2_v"
     assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and md["modelspec.prediction_type"] == "v"
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+
+
+def test_resume_warns_when_seed_or_batch_layout_changed(tmp_path, tiny_sd1_checkpoint, caplog):
+    img, _ = make_dataset(tmp_path, reg=False)
+    first = train(build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "a", max_train_epochs=1,
+                                              save_state="true")))
+    state = tmp_path / "a" / "lora-state"
+    assert state.is_dir() and first.global_step > 0
+    saved = json.loads((state / "train_state.json").read_text())
+    assert (saved["world"], saved["train_batch_size"], saved["gradient_accumulation_steps"]) == (1, 2, 1)
+    assert saved["batches_per_epoch"] == first.global_step
+    caplog.set_level("WARNING", logger="loralab.train.run")
+    train(build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "b", max_train_epochs=2, resume=state,
+                                      seed=7, train_batch_size=1)))
+    text = caplog.text
+    assert "saved with seed = 1, this run has 7" in text
+    assert "saved with train_batch_size = 2, this run has 1" in text and "batches per epoch" in text
+    assert "gradient_accumulation_steps" not in text and "processes" not in text

@@ -57,7 +57,9 @@ def save_training_state(run: Run, name: str, epoch: int, batch_in_epoch: int) ->
     if not run.is_main:
         return
     counters = TrainCounters(epoch=epoch, global_step=run.global_step, batch_in_epoch=batch_in_epoch,
-                             seed=run.cfg.seed, max_train_steps=run.max_steps, log_state=run.log.state_dict())
+                             seed=run.cfg.seed, max_train_steps=run.max_steps, log_state=run.log.state_dict(),
+                             world=run.world, batches_per_epoch=run.batches_per_proc,
+                             train_batch_size=run.cfg.train_batch_size, gradient_accumulation_steps=run.accum)
     save_state(run.out_dir / name, network_sd=run.network.state_dict(), optimizer=run.optimizer,
                scheduler=run.lr_scheduler, scaler=run.scaler, counters=counters)
 

@@ -420,6 +420,25 @@ def resume(run: Run) -> None:
     run.epoch, run.global_step, run.skip_batches = counters.epoch, counters.global_step, counters.batch_in_epoch
     run.resumed_from = counters
     log.info("resumed from %s: epoch %d, step %d", cfg.resume, run.epoch, run.global_step)
+    check_resume_matches(run, counters)
+
+
+def check_resume_matches(run: Run, counters) -> list[str]:
+    """A resumed run continues a straight run exactly only with the same seed and the same batch layout.
+    Each difference from the state's record is a warning naming both values (a deliberate change, e.g. a
+    new batch size, is allowed: the run continues from the saved step, but its batches are not the ones
+    the straight run would have taken). Returns the warnings."""
+    now = {"seed": run.cfg.seed, "world": run.world, "batches_per_epoch": run.batches_per_proc,
+           "train_batch_size": run.cfg.train_batch_size, "gradient_accumulation_steps": run.accum}
+    labels = {"world": "processes", "batches_per_epoch": "batches per epoch (dataset, repeats or batch size changed)"}
+    out = []
+    for key, value in now.items():
+        saved = getattr(counters, key, 0)
+        if saved and saved != value:
+            out.append(f"resume: the state was saved with {labels.get(key, key)} = {saved}, this run has {value}: "
+                       f"training continues from step {counters.global_step}, but not as the interrupted run would have")
+            log.warning(out[-1])
+    return out
 
 
 def setup_outputs(run: Run) -> None:

@@ -33,6 +33,11 @@ class TrainCounters:
     seed: int
     max_train_steps: int
     log_state: dict | None = None  # the train log's moving-average state, so loss/average continues exactly
+    # how the batches were laid out when the state was saved (0: a state from before these were kept)
+    world: int = 0  # processes
+    batches_per_epoch: int = 0  # batches per process per epoch
+    train_batch_size: int = 0
+    gradient_accumulation_steps: int = 0
 
 
 def save_state(folder: Path, *, network_sd: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
