@@ -325,6 +325,23 @@ def _clear(folder: Path, patterns: Sequence[str]) -> None:
                     f.unlink()
 
 
+def score_base_model(model: LabModel, evaluator, tag_items, base_items, ev: DemoEval):
+    """(score, images, predictions) of the base model itself: epoch 0 of both runs."""
+    ti, bi = evaluate_lora(model, None, tag_items, base_items, ev)
+    base_score, tp, bp = score_images(evaluator, tag_items, ti, base_items, bi, None, 0)
+    return base_score, (ti, bi), (tp, bp)
+
+
+def write_dataset(data_dir: Path, recipe: DemoRecipe) -> Path:
+    """The demo's ring dataset in `data_dir` (stale tag folders of an earlier run emptied first)."""
+    for stale in data_dir.glob(f"*_{TAG}"):
+        _clear(stale, ("*.png", "*.txt"))
+        if stale.is_dir() and not any(stale.iterdir()):
+            stale.rmdir()
+    return W.write_kohya_dataset(data_dir, shape=W.HELD_OUT_SHAPE, tag=TAG, n=recipe.n_images,
+                                 repeats=recipe.repeats, seed=recipe.seed)
+
+
 def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads: int | None = None,
              recipe: DemoRecipe | None = None, ev: DemoEval | None = None) -> Path:
     """Run the whole demo into `out_dir` and return the path of its ``report.md`` (see the module docstring).
@@ -356,12 +373,7 @@ def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads
         # 1. dataset
         t = time.perf_counter()
         data_dir = out_dir / "dataset"
-        for stale in data_dir.glob(f"*_{TAG}"):
-            _clear(stale, ("*.png", "*.txt"))
-            if stale.is_dir() and not any(stale.iterdir()):
-                stale.rmdir()
-        folder = W.write_kohya_dataset(data_dir, shape=W.HELD_OUT_SHAPE, tag=TAG, n=recipe.n_images,
-                                       repeats=recipe.repeats, seed=recipe.seed)
+        folder = write_dataset(data_dir, recipe)
         model = LabModel.load(device)
         evaluator = Evaluator.load(evaluator_path(), device=device)
         tag_items = tag_prompts(ev.n_tag_prompts, dataset_pairs(folder))
@@ -377,9 +389,7 @@ def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads
 
         # the base model's own scores (epoch 0 of both runs)
         t = time.perf_counter()
-        ti, bi = evaluate_lora(model, None, tag_items, base_items, ev)
-        base_score, tp, bp = score_images(evaluator, tag_items, ti, base_items, bi, None, 0)
-        base_result = (base_score, (ti, bi), (tp, bp))
+        base_result = score_base_model(model, evaluator, tag_items, base_items, ev)
         timings["base model scores"] = time.perf_counter() - t
 
         # 3.-4. train and score, with and without reg images

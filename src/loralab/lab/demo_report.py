@@ -92,6 +92,45 @@ def _lora_file(run: RunResult, epoch: int) -> Path:
     return epoch_files(run.out, TAG, len(run.scores) - 1)[epoch - 1]
 
 
+def method_lines(recipe: DemoRecipe, ev: DemoEval, tag_items, base_items) -> list[str]:
+    """The report's "How it was done" section."""
+    return ["## How it was done", "",
+            f"1. Dataset `dataset/{recipe.repeats}_{TAG}/`: {recipe.n_images} rings, colours, backgrounds and sizes "
+          f"spread evenly, image sizes 32×32, 48×32 and 32×48, captions such as "
+          f"`{TAG}, red, blue background, small` (activation tag first; the shape word never appears), "
+          f"{recipe.repeats} repeats.",
+          f"2. Regularization images `reg/1_{CLASS_NAME}/`: {recipe.n_reg} images drawn by the base model itself "
+          f"(same model, same image sizes, DDIM {ev.ddim_steps} steps, CFG {ev.cfg}, fixed seeds). The class of a "
+          "ring is \"a shape\", and what this model knows of shapes is its six trained ones, so the class prompts "
+          "are its own captions of those shapes (`red circle, blue background, small`, ...) over the "
+          "combinations it was trained on, with their prompts as captions. The held-out combinations used "
+          "below to measure prior preservation are never among them. (Tried as well: class prompts without "
+          "the tag and without a shape word, `red, blue background, small`: they protected the base prompts "
+          "less than no reg images at all.)",
+          f"3. Training through `loralab train`'s code path (`loralab.recipes.lora.train`): LoRA rank "
+          f"{recipe.network_dim}, alpha {recipe.network_alpha:g}, "
+          f"{'UNet only' if recipe.text_encoder_lr == 0 else f'text encoder LR {recipe.text_encoder_lr:g}'}, "
+          f"AdamW LR {recipe.unet_lr:g} ({recipe.lr_scheduler}), batch {recipe.train_batch_size}, min-SNR γ "
+          f"{recipe.min_snr_gamma:g}, prior_loss_weight {recipe.prior_loss_weight:g}, {recipe.max_train_epochs} epochs, "
+          "a LoRA file every epoch, aspect-ratio buckets (resolution 40, bucket_reso_steps 16). The same "
+          "settings without reg images for the comparison.",
+          f"4. Scoring every saved epoch (the file loaded back, as a user would): DDIM {ev.ddim_steps} steps, CFG "
+          f"{ev.cfg}, fixed seeds; {len(tag_items)} prompts with `{TAG}` on colour/background pairs not in the "
+          f"dataset, and {len(base_items)} base prompts on the shape/colour/background combinations held out of "
+          "the base model's training, scored by the lab evaluator (analytic colour/background/size, a small "
+          "CNN for the shape). Retention = accuracy with the LoRA / the base model's accuracy on the same "
+          "prompts and seeds, for shape, colour and background; the table shows the smallest.", ""]
+
+
+def review_record(r: RunResult) -> dict | None:
+    """What `loralab review` said of run `r`, for results.json."""
+    if r.review is None:
+        return None
+    epoch, share, best = review_share(r)
+    return {"epoch": epoch, "share_of_best": round(share, 4), "best_epoch": best, "alarm": r.review.alarm,
+            "reasons": r.review.reasons, "seconds": round(r.review_seconds, 2)}
+
+
 def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: DemoRecipe, ev: DemoEval,
                  timings: dict[str, float], files: dict[str, str], *, quick: bool, threads: int, device: str,
                  tag_items, base_items) -> Path:
@@ -141,32 +180,7 @@ def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: 
         L += [f"## Per epoch, {'with' if r.with_reg else 'without'} regularization images", ""]
         L += [run_table(r, (best if r is reg else best_n).epoch), ""]
         L += [f"![loss]({files[f'loss_{r.name}']})", ""]
-    L += ["## How it was done", ""]
-    L += [f"1. Dataset `dataset/{recipe.repeats}_{TAG}/`: {recipe.n_images} rings, colours, backgrounds and sizes "
-          f"spread evenly, image sizes 32×32, 48×32 and 32×48, captions such as "
-          f"`{TAG}, red, blue background, small` (activation tag first; the shape word never appears), "
-          f"{recipe.repeats} repeats.",
-          f"2. Regularization images `reg/1_{CLASS_NAME}/`: {recipe.n_reg} images drawn by the base model itself "
-          f"(same model, same image sizes, DDIM {ev.ddim_steps} steps, CFG {ev.cfg}, fixed seeds). The class of a "
-          "ring is \"a shape\", and what this model knows of shapes is its six trained ones, so the class prompts "
-          "are its own captions of those shapes (`red circle, blue background, small`, ...) over the "
-          "combinations it was trained on, with their prompts as captions. The held-out combinations used "
-          "below to measure prior preservation are never among them. (Tried as well: class prompts without "
-          "the tag and without a shape word, `red, blue background, small`: they protected the base prompts "
-          "less than no reg images at all.)",
-          f"3. Training through `loralab train`'s code path (`loralab.recipes.lora.train`): LoRA rank "
-          f"{recipe.network_dim}, alpha {recipe.network_alpha:g}, "
-          f"{'UNet only' if recipe.text_encoder_lr == 0 else f'text encoder LR {recipe.text_encoder_lr:g}'}, "
-          f"AdamW LR {recipe.unet_lr:g} ({recipe.lr_scheduler}), batch {recipe.train_batch_size}, min-SNR γ "
-          f"{recipe.min_snr_gamma:g}, prior_loss_weight {recipe.prior_loss_weight:g}, {recipe.max_train_epochs} epochs, "
-          "a LoRA file every epoch, aspect-ratio buckets (resolution 40, bucket_reso_steps 16). The same "
-          "settings without reg images for the comparison.",
-          f"4. Scoring every saved epoch (the file loaded back, as a user would): DDIM {ev.ddim_steps} steps, CFG "
-          f"{ev.cfg}, fixed seeds; {len(tag_items)} prompts with `{TAG}` on colour/background pairs not in the "
-          f"dataset, and {len(base_items)} base prompts on the shape/colour/background combinations held out of "
-          "the base model's training, scored by the lab evaluator (analytic colour/background/size, a small "
-          "CNN for the shape). Retention = accuracy with the LoRA / the base model's accuracy on the same "
-          "prompts and seeds, for shape, colour and background; the table shows the smallest.", ""]
+    L += method_lines(recipe, ev, tag_items, base_items)
     L += ["## Time", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     L += ["", "## Files", "",
@@ -184,10 +198,7 @@ def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: 
             "runs": {r.name: {"with_reg": r.with_reg, "recommended_epoch": picks[r.name][0].epoch,
                               "why": picks[r.name][1], "steps_per_epoch": r.steps_per_epoch,
                               "train_seconds": round(r.train_seconds, 2), "eval_seconds": round(r.eval_seconds, 2),
-                              "review": ({"epoch": review_share(r)[0], "share_of_best": round(review_share(r)[1], 4),
-                                          "best_epoch": review_share(r)[2], "alarm": r.review.alarm,
-                                          "reasons": r.review.reasons, "seconds": round(r.review_seconds, 2)}
-                                         if r.review is not None else None),
+                              "review": review_record(r),
                               "epochs": [asdict(s) for s in r.scores]} for r in runs},
             "recommended": {"run": reg.name, "epoch": best.epoch, "file": rel(_lora_file(reg, best.epoch)),
                             "bars_met": met}}

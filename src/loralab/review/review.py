@@ -185,16 +185,15 @@ def _check_fit(sm, files: dict[int, Path], meta: dict[str, str]) -> None:
     """Every epoch file must load onto the base model; a mismatch names the file's and the model's kind."""
     family = sm.model.family
     version = meta.get("ss_base_model_version", "")
-    for e, path in files.items():
-        try:
-            sm.apply(path, 0.0)
-        except LoralabError as err:
-            trained = f" (its metadata says it was trained on {version}, {meta.get('ss_sd_model_name', '?')})" if version else ""
-            raise LoralabError(f"{path.name}{trained} does not fit the base model {sm.model_path} ({family}): "
-                               f"pass --model with the model it was trained on. Details: {err}") from None
-        finally:
-            sm.remove()
-        break  # all epochs of a run share their modules: the first file is the check
+    path = files[min(files)]  # all epochs of a run share their modules: the first file is the check
+    try:
+        sm.apply(path, 0.0)
+    except LoralabError as err:
+        trained = f" (its metadata says it was trained on {version}, {meta.get('ss_sd_model_name', '?')})" if version else ""
+        raise LoralabError(f"{path.name}{trained} does not fit the base model {sm.model_path} ({family}): "
+                           f"pass --model with the model it was trained on. Details: {err}") from None
+    finally:
+        sm.remove()
     want = meta.get("ss_new_sd_model_hash")
     if want and sm.model.model_hash and want != sm.model.model_hash:
         log.warning("the run was trained on %s (hash %s); this base model's hash is %s: images may differ from "
