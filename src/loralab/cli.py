@@ -410,12 +410,27 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return run_command(lambda: args.func(args, extra), debug=args.debug)
+
+
+def run_command(command, debug: bool = False) -> int:
+    """Run a command: a user error (or a full disk met outside our own writers, e.g. appending to the
+    log) is one line on stderr and exit code 2, Ctrl-C exit code 130; `--debug` shows the traceback."""
+    from loralab.io import DISK_FULL_ERRNOS
+
     try:
-        return args.func(args, extra)
+        return command()
     except LoralabError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if debug or e.errno not in DISK_FULL_ERRNOS:
+            raise
+        print(f"error: disk full: could not write {e.filename or 'a file'} ({e.strerror}). The files written before "
+              "are intact; free some space and run again (with resume = the last state folder to continue).",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
+from loralab.io import DiskFullError
 from loralab.train.run import Run, encode_prompts
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,15 @@ def save_network(run: Run, path: Path, epoch: int) -> None:
     from loralab.train.metadata import build_metadata
 
     if not run.is_main:
+        run.last_good = path if path.stem != run.cfg.output_name else run.last_good
         return
     md = build_metadata(run.cfg, run.info, epoch=epoch, step=run.global_step, final=path.stem == run.cfg.output_name)
     md.update(run.recipe.extra_metadata(run))
-    run.network.save(path, run.save_dtype, md, extra=run.recipe.extra_tensors(run))
+    with how_to_continue(run):
+        run.network.save(path, run.save_dtype, md, extra=run.recipe.extra_tensors(run))
     run.saved.append(path)
+    if path.stem != run.cfg.output_name:
+        run.last_good = path
     log.info("saved %s", path)
 
 
@@ -60,8 +66,26 @@ def save_training_state(run: Run, name: str, epoch: int, batch_in_epoch: int) ->
                              seed=run.cfg.seed, max_train_steps=run.max_steps, log_state=run.log.state_dict(),
                              world=run.world, batches_per_epoch=run.batches_per_proc,
                              train_batch_size=run.cfg.train_batch_size, gradient_accumulation_steps=run.accum)
-    save_state(run.out_dir / name, network_sd=run.network.state_dict(), optimizer=run.optimizer,
-               scheduler=run.lr_scheduler, scaler=run.scaler, counters=counters)
+    with how_to_continue(run):
+        save_state(run.out_dir / name, network_sd=run.network.state_dict(), optimizer=run.optimizer,
+                   scheduler=run.lr_scheduler, scaler=run.scaler, counters=counters)
+    run.last_state = run.out_dir / name
+
+
+@contextmanager
+def how_to_continue(run: Run):
+    """A full disk while saving: add to the message which files are intact and how to continue."""
+    try:
+        yield
+    except DiskFullError as e:
+        state = run.last_state or (Path(run.cfg.resume) if run.cfg.resume else None)
+        if state is not None:
+            hint = f'The last complete state is {state}; to continue from it, add to the config: resume = "{state.as_posix()}".'
+        elif run.last_good is not None:
+            hint = f"The last complete LoRA file is {run.last_good} (no state was saved: set save_state to resume next time)."
+        else:
+            hint = "No file of this run was complete yet."
+        raise DiskFullError(f"{e} {hint}", e.path) from e.__cause__
 
 
 class SaveCheckpoints(Callback):
@@ -73,16 +97,14 @@ class SaveCheckpoints(Callback):
         cfg = run.cfg
         if cfg.save_every_n_steps and run.global_step % cfg.save_every_n_steps == 0 and run.global_step < run.max_steps:
             stem = f"{cfg.output_name}-step{run.global_step:08d}"
-            run.last_good = run.out_dir / f"{stem}.safetensors"
-            save_network(run, run.last_good, run.epoch + 1)
+            save_network(run, run.out_dir / f"{stem}.safetensors", run.epoch + 1)
             if cfg.save_state:
                 save_training_state(run, f"{stem}-state", run.epoch, run.batch_in_epoch)
 
     def on_epoch_end(self, run: Run) -> None:
         cfg, ep = run.cfg, run.epoch + 1
         if cfg.save_every_n_epochs and ep % cfg.save_every_n_epochs == 0 and not run.reached_end():
-            run.last_good = run.out_dir / f"{cfg.output_name}-{ep:06d}.safetensors"
-            save_network(run, run.last_good, ep)
+            save_network(run, run.out_dir / f"{cfg.output_name}-{ep:06d}.safetensors", ep)
             if cfg.save_state:
                 save_training_state(run, f"{cfg.output_name}-{ep:06d}-state", ep, 0)
 

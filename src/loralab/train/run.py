@@ -81,6 +81,7 @@ class Run:
     samples: list[Path] = field(default_factory=list)
     final_file: Path | None = None
     last_good: Path | None = None
+    last_state: Path | None = None  # the last state folder written completely
     # counters
     epoch: int = 0
     global_step: int = 0

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loralab.errors import LoralabError
+from loralab.io import disk_full_error, is_disk_full
 
 STATE_FILE = "train_state.json"
 
@@ -42,18 +43,31 @@ class TrainCounters:
 
 def save_state(folder: Path, *, network_sd: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
                scaler: Any | None, counters: TrainCounters) -> Path:
-    """Write the state folder atomically (temp folder, then rename over the old one)."""
+    """Write the state folder atomically (temp folder, then rename over the old one).
+
+    A failed write (a full disk, Ctrl-C twice) removes the temp folder and leaves the old state as it
+    was; a full disk is a `DiskFullError` naming the file that did not fit."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in network_sd.items()}, str(tmp / "network.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(counters), indent=1), encoding="utf-8")
+    current = tmp / "network.safetensors"
+    try:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in network_sd.items()}, str(current))
+        parts = {"optimizer.pt": optimizer, "scheduler.pt": scheduler, "scaler.pt": scaler}
+        for name, part in parts.items():
+            if part is not None:
+                current = tmp / name
+                torch.save(part.state_dict(), current)
+        current = tmp / STATE_FILE
+        current.write_text(json.dumps(asdict(counters), indent=1), encoding="utf-8")
+    except BaseException as e:
+        full = not isinstance(e, (KeyboardInterrupt, LoralabError)) and is_disk_full(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full_error(folder / current.name, folder.parent) from e
+        raise
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():
