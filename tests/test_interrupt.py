@@ -92,3 +92,75 @@ def test_an_interrupt_during_the_last_step_finishes_the_run(tmp_path, tiny_sd1_c
     result = train(cfg, [_interrupt_at(3)])  # max_train_steps ends inside epoch 2
     assert result.interrupted == "" and result.global_step == 3 and result.final_file.is_file()
     assert not (tmp_path / "out" / "lora-interrupted-state").exists()
+
+
+KILL_AT = '''
+import os, signal, sys
+from pathlib import Path
+marker = sys.argv.pop(1)  # kill this process at once when it opens a path containing `marker`
+
+def hook(event, args):
+    if event == "open" and marker in str(args[0]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+from loralab.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _steps_logged(log, since: int) -> int:
+    import json
+
+    if not log.exists():
+        return 0
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return sum(1 for r in records if r.get("kind") == "step" and r["step"] > since)
+
+
+def test_sigkill_at_three_points_then_resume_ends_bit_identical(tmp_path, tiny_sd1_checkpoint):
+    """kill -9 while a state folder is written, while a LoRA file is written and in the middle of an epoch;
+    each time the run resumes from its last complete state and the files end identical to a straight run."""
+    img, _ = make_dataset(tmp_path, concepts=(("1_alpha", 2),), reg=False)  # 2 steps an epoch (batch 1)
+    script = tmp_path / "kill_at.py"
+    script.write_text(KILL_AT)
+    keys = {"max_train_steps": 8, "save_every_n_epochs": 1, "save_state": "true"}
+    straight = subprocess.run(_args(tiny_sd1_checkpoint, img, tmp_path / "a", **keys), capture_output=True, text=True,
+                              timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "b"
+
+    def run(marker: str, resume: str | None = None, **popen):
+        args = _args(tiny_sd1_checkpoint, img, out, **keys, **({"resume": out / resume} if resume else {}))
+        return subprocess.Popen([sys.executable, str(script), marker] + args[3:], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **popen)
+
+    # 1: while epoch 2's state folder is written (network, optimizer and scheduler are in, the counters not)
+    p = run("lora-000002-state.tmp/train_state.json")
+    p.communicate(timeout=400)
+    assert p.returncode == -signal.SIGKILL
+    assert (out / "lora-000002-state.tmp").is_dir() and not (out / "lora-000002-state").exists()
+    # 2: resumed from epoch 1's state; killed while epoch 3's LoRA file is being written
+    p = run(".lora-000003.safetensors.", "lora-000001-state")
+    p.communicate(timeout=400)
+    assert p.returncode == -signal.SIGKILL
+    assert (out / "lora-000002-state").is_dir() and not (out / "lora-000002-state.tmp").exists()
+    assert not (out / "lora-000003.safetensors").exists()
+    # 3: resumed from epoch 2's state; killed from outside in the middle of epoch 4 (after step 7)
+    p = run("never-opened", "lora-000002-state")
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and _steps_logged(out / "train_log.jsonl", since=6) < 1:
+        time.sleep(0.02)
+    p.kill()
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL and not (out / "lora.safetensors").exists()
+    # the last resume finishes the run
+    r = subprocess.run(_args(tiny_sd1_checkpoint, img, out, **keys, resume=out / "lora-000003-state"),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    names = ["lora-000001.safetensors", "lora-000002.safetensors", "lora-000003.safetensors", "lora.safetensors"]
+    for name in names:
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(out / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name) == []  # the killed writes' temp files too
