@@ -241,3 +241,104 @@ def test_a_very_large_image_gets_our_warning_naming_the_file(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "(300, 200) (300, 200)"
     assert r.stderr.count("big.png: a very large image (300x200, over 40000 pixels)") == 2
     assert "DecompressionBombWarning" not in r.stderr
+
+
+def _snapshot(root: Path) -> dict[str, object]:
+    """Every entry under `root`, links not followed: a file's bytes, a link's target, or "dir"."""
+    import os
+
+    out: dict[str, object] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            out[rel] = ("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
+    return out
+
+
+SKIPPED = "it is skipped; point the link at the real file (or folder) or delete it"
+
+
+def test_symlink_loops_and_broken_links_are_named_when_training(tmp_path, caplog):
+    import os
+
+    train = tmp_path / "train"
+    c = train / "3_x"
+    make_image(c / "ok.png", (64, 64), 1)
+    try:
+        os.symlink("loop.png", c / "loop.png")  # ln -s loop.png loop.png
+    except (OSError, NotImplementedError):
+        pytest.skip("this system cannot make symlinks")
+    os.symlink("b.jpg", c / "a.jpg")  # a -> b, b -> a
+    os.symlink("a.jpg", c / "b.jpg")
+    os.symlink("gone.png", c / "broken.png")
+    os.symlink("..", c / "up")  # a folder link to its parent: the scan does not recurse, nothing to say
+    os.symlink("2_loop", train / "2_loop")
+    before = _snapshot(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        subsets = scan_folder_dataset(train, caption_extension=".txt")
+        build(subsets)
+    assert [e.path.name for s in subsets for e in s.images] == ["ok.png"]
+    loop = f"a symlink loop (following it leads back to itself): {SKIPPED}"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and SKIPPED in r.getMessage()]
+    assert warned == [
+        f"{train / '2_loop'}: {loop}",
+        f"{c / 'a.jpg'}: {loop}",
+        f"{c / 'b.jpg'}: {loop}",
+        f"{c / 'broken.png'}: a broken symlink, target missing (gone.png): {SKIPPED}",
+        f"{c / 'loop.png'}: {loop}",
+    ]
+    # a dataset folder that is itself a looping link: an error naming it, not "does not exist"
+    os.symlink("self", tmp_path / "self")
+    with pytest.raises(LoralabError) as err:
+        scan_folder_dataset(tmp_path / "self")
+    assert str(err.value) == (
+        f"train_data_dir: {tmp_path / 'self'} is a symlink loop (following it leads back to itself); point the link "
+        f"at the dataset folder, or give the folder that holds <repeats>_<name>/ folders")
+    (tmp_path / "self").unlink()
+    # a dataset whose only concept folder is a looping link: the error names the link
+    only = tmp_path / "only"
+    only.mkdir()
+    os.symlink("10_x", only / "10_x")
+    with pytest.raises(LoralabError) as err:
+        scan_folder_dataset(only)
+    assert "has no <repeats>_<name>/ image folders (10_x is a symlink loop (following it leads back to itself))" \
+        in str(err.value)
+    (only / "10_x").unlink()
+    only.rmdir()
+    assert _snapshot(tmp_path) == before
+
+
+def test_degenerate_images_warn_once_per_file_when_training(tmp_path, caplog):
+    train, reg = tmp_path / "train", tmp_path / "reg"
+    make_image(train / "5_x" / "ok.png", (64, 64), 1)
+    dot = make_image(train / "5_x" / "dot.png", (1, 1), 2)
+    strip = make_image(train / "5_x" / "strip.png", (192, 48), 3)
+    rdot = make_image(reg / "1_person" / "rdot.png", (1, 1), 4)
+    before = _snapshot(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ds = build(scan_folder_dataset(train, reg))
+    assert ds.num_train_images == 15  # repeats do not repeat the warnings
+    warned = [r.getMessage() for r in caplog.records
+              if r.name == "loralab.data.dataset" and r.levelno == logging.WARNING and "caption" not in r.getMessage()]
+    too_small = ("1x1 is less than half the training area 64x64: it is upscaled x64.0 to its 64x64 bucket and "
+                 "trains blurry; use a larger image")
+    assert sorted(warned) == sorted([
+        f"{dot}: {too_small}",
+        f"{rdot}: {too_small}",
+        f"{strip}: aspect ratio 4.0:1 (192x48); crop it into parts closer to the bucket shapes",
+    ])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build(scan_folder_dataset(train, reg), warn_degenerate=False)  # `dataset check` reports them itself
+    assert "training area" not in caplog.text and "aspect ratio" not in caplog.text
+    assert _snapshot(tmp_path) == before
+
+    for i in range(5):  # 8 degenerate images: five named, then one line for the rest
+        make_image(train / "5_x" / f"dot{i}.png", (1, 1), 10 + i)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build(scan_folder_dataset(train, reg))
+    warned = [r.getMessage() for r in caplog.records if r.name == "loralab.data.dataset" and "caption" not in r.getMessage()]
+    assert len(warned) == 6 and warned[-1] == ("... and 3 more images too small or too narrow for this resolution; "
+                                               "`loralab dataset check` lists them all")

@@ -237,3 +237,82 @@ def test_errors_that_stop_training_and_empty_folders(tmp_path):
     old = next(p for p in report.problems if p.code == "missing_caption" and Path(p.file).name == "old.png")
     assert "--caption-extension .caption" in old.message
     assert sum(b.images for b in report.buckets) == 3  # tiny.png is left out of the epoch, as training must
+
+
+def tree_state(root: Path) -> dict[str, object]:
+    """Every entry under `root`, links not followed: a file's bytes, a link's target, or "dir"."""
+    out: dict[str, object] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            out[rel] = ("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
+    return out
+
+
+def symlink_or_skip(link: Path, target: str) -> None:
+    try:
+        os.symlink(target, link)
+    except (OSError, NotImplementedError):
+        pytest.skip("this system cannot make symlinks")
+
+
+LOOP = ("a symlink loop (following it leads back to itself): it is skipped; point the link at the real file "
+        "(or folder) or delete it")
+
+
+def test_symlink_loops_and_broken_links_are_findings_not_silence(tmp_path):
+    train = clean_dataset(tmp_path)
+    c = train / "10_alice"
+    symlink_or_skip(c / "loop.png", "loop.png")  # ln -s loop.png loop.png
+    os.symlink("b.png", c / "a.png")  # a -> b, b -> a
+    os.symlink("a.png", c / "b.png")
+    os.symlink("gone.png", c / "broken.png")
+    (c / "a3.txt").unlink()
+    os.symlink("a3.txt", c / "a3.txt")  # a caption that loops
+    os.symlink("..", c / "up")  # a folder link to its parent: not recursed into
+    os.symlink("7_loop", train / "7_loop")  # a concept folder that loops
+    before = tree_state(tmp_path)
+    report = check_dataset(train, settings=BucketSettings(batch_size=4), progress=False)
+    found = {(p.level, p.code, Path(p.file).name): p.message for p in report.problems if "symlink" in p.code}
+    assert found == {
+        ("warning", "symlink_loop", "loop.png"): LOOP,
+        ("warning", "symlink_loop", "a.png"): LOOP,
+        ("warning", "symlink_loop", "b.png"): LOOP,
+        ("warning", "symlink_loop", "a3.txt"): LOOP,
+        ("warning", "symlink_loop", "7_loop"): LOOP,
+        ("warning", "broken_symlink", "broken.png"): "a broken symlink, target missing (gone.png): it is skipped; "
+                                                     "point the link at the real file (or folder) or delete it",
+    }
+    text = render_report(report)
+    assert f"10_alice/loop.png: {LOOP}" in text and "7_loop: " + LOOP in text
+    assert next(x for x in report.concepts if x.name == "10_alice").images == 4
+    assert tree_state(tmp_path) == before
+    cli = run_cli("dataset", "check", str(train), "--json")
+    assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr
+    codes = sorted(p["code"] for p in json.loads(cli.stdout)["problems"] if "symlink" in p["code"])
+    assert codes == ["broken_symlink"] + ["symlink_loop"] * 5
+    assert tree_state(tmp_path) == before
+
+
+def test_a_1x1_image_is_named_by_the_check_and_by_training_in_the_same_words(tmp_path, caplog):
+    import logging
+
+    from loralab.data.dataset import FolderDataset, scan_folder_dataset
+
+    train = clean_dataset(tmp_path)
+    dot = write_image(train / "10_alice" / "dot.png", (1, 1), seed=9, caption="alice, dot")
+    before = tree_state(tmp_path)
+    words = ("1x1 is less than half the training area 512x512: it is upscaled x512.0 to its 512x512 bucket and "
+             "trains blurry; use a larger image")
+    with caplog.at_level(logging.WARNING):
+        report = check_dataset(train, settings=BucketSettings(batch_size=4), progress=False)
+    assert [(p.level, p.message) for p in report.by_code("too_small")] == [("warning", words)]
+    assert "dot.png" not in caplog.text  # the check reports it once, in its report
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        subsets = scan_folder_dataset(train, caption_extension=".txt")
+        FolderDataset(subsets, resolution=(512, 512), batch_size=4, enable_bucket=True)
+    # one warning for the file, though its folder repeats it 10 times an epoch
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", f"{dot}: {words}")]
+    assert tree_state(tmp_path) == before

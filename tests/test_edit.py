@@ -148,3 +148,43 @@ def test_cli_edit_round_trip(dataset):
     assert snapshot(dataset) == before
     bad = run("--remove", "a", "--position", "1")
     assert bad.returncode == 2 and "go with --add" in bad.stderr
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_check_lists_the_backup_and_how_to_remove_it_and_training_ignores_it(dataset):
+    import shutil
+
+    from loralab.analyze.dataset_check import check_dataset, render_report
+    from loralab.data.dataset import scan_folder_dataset, tag_frequency
+
+    result = edit_captions(dataset, EditOp("remove", ["navel"]))
+    backup = dataset / BACKUP_DIR
+    copies = [p for p in backup.rglob("*") if p.is_file()]
+    assert len(copies) == len(result.changes) + 1 == 6  # 5 captions and the manifest
+    size = sum(p.stat().st_size for p in copies)
+    assert 1024 <= size < 2**20
+    before = all_files(dataset.parent)
+    report = check_dataset(dataset, progress=False)
+    [note] = report.by_code("edit_backup")
+    assert (note.level, Path(note.file)) == ("info", backup)
+    command = f'rm -r "{backup.absolute()}"'
+    assert note.message == (
+        f"a backup left by `loralab dataset edit`: 6 files from 1 edit, {size / 1024:.1f} KiB. Training and dataset check ignore "
+        f"it (folders whose name starts with a dot are skipped); `loralab dataset edit --undo` restores captions "
+        f"from it. Once you no longer need that, remove it: {command}")
+    assert f"info edit_backup (1)\n  {BACKUP_DIR}: a backup left by" in render_report(report)
+    # neither the check nor training reads the backup's copies: the edited captions are what trains
+    assert all(BACKUP_DIR not in Path(im.file).parts for im in report.images)
+    subsets = scan_folder_dataset(dataset, caption_extension=".txt")
+    assert {s.name for s in subsets} == {"10_jinx", "3_vi"}
+    assert all(BACKUP_DIR not in e.path.parts for s in subsets for e in s.images)
+    assert "navel" not in tag_frequency(subsets)["10_jinx"]
+    assert all_files(dataset.parent) == before
+    if shutil.which("rm"):  # the command as given removes the backup and nothing else
+        subprocess.run(command, shell=True, check=True)
+        assert not backup.exists()
+        assert all_files(dataset.parent) == {k: v for k, v in before.items() if BACKUP_DIR not in Path(k).parts}
+        assert check_dataset(dataset, progress=False).by_code("edit_backup") == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,6 +115,13 @@ class CheckReport:
 
 
 # ----------------------------------------------------------------------------------------- terminal
+
+
+def shell_path(path: Path) -> str:
+    """`path` quoted for a POSIX shell: in double quotes, or by `shlex.quote` when it holds a character that
+    double quotes do not protect ($ ` \\ " !)."""
+    text = str(path)
+    return shlex.quote(text) if any(c in text for c in '$`\\"!') else f'"{text}"'
 
 
 def rel_path(path: Path, roots: Sequence[Path | None]) -> str:

@@ -27,9 +27,12 @@ warning (training runs, but the LoRA is likely worse)
     caption_too_long      more than 75 CLIP tokens: the rest is cut off by the text encoder
     activation_in_reg     a regularization caption holds a concept's activation tag
     empty_folder          a concept folder without images
+    symlink_loop          a symlink (image, caption or folder name) that leads back to itself: it is skipped
+    broken_symlink        a symlink whose target is missing: it is skipped
     partial_batches       a bucket holds fewer samples than one batch (every batch in it is short)
 info
     partial_batches       a bucket's sample count is not a multiple of the batch size (one short batch)
+    edit_backup           a `.loralab_backup/` folder left by `loralab dataset edit` (ignored by training)
 
 The activation tag of a concept is `activation_tag`'s rule (see there). The modules behind the check:
 `analyze.scan` (the shared scan: every image and caption, broken ones included), `analyze.image_facts`
@@ -64,6 +67,7 @@ from loralab.analyze.check_report import (
     problem,
     rel_path,
     render_report,
+    shell_path,
 )
 from loralab.analyze.image_facts import (
     ImageFacts,
@@ -77,28 +81,33 @@ from loralab.analyze.image_facts import (
 from loralab.analyze.scan import ScannedDataset, ScannedImage, scan_dataset
 from loralab.data.buckets import BucketCandidates, BucketChoice
 from loralab.data.dataset import FolderDataset, caption_path
+from loralab.data.images import (
+    EXTREME_ASPECT,
+    SKIPPED_LINK,
+    TOO_SMALL_AREA_SHARE,
+    degenerate_image,
+)
 from loralab.errors import LoralabError
+from loralab.io import human_size
 
 # the module's own names, and those it has always offered from the modules it was split into
 __all__ = [
     # own
-    "DHASH_NEAR", "EXTREME_ASPECT", "GRAY_TAGS", "HEAVY_CROP_SHARE", "MAX_TOKENS", "PHASH_NEAR",
-    "TOO_SMALL_AREA_SHARE", "activation_problems", "caption_encodings", "caption_file_problem", "check_batches",
-    "check_captions", "check_dataset", "check_images", "concept_summaries", "cut_tags", "decode_images",
-    "epoch_dataset", "exact_duplicates", "image_summaries", "image_warnings", "near_duplicates",
-    "several_activation_tags", "suggest_batch_size", "tag_problems",
+    "DHASH_NEAR", "GRAY_TAGS", "HEAVY_CROP_SHARE", "MAX_TOKENS", "PHASH_NEAR", "activation_problems",
+    "backup_notes", "caption_encodings", "caption_file_problem", "check_batches", "check_captions", "check_dataset",
+    "check_images", "concept_summaries", "cut_tags", "decode_images", "epoch_dataset", "exact_duplicates",
+    "image_summaries", "image_warnings", "link_problems", "near_duplicates", "several_activation_tags",
+    "suggest_batch_size", "tag_problems",
     # re-exported
-    "CANDIDATE_SHARE", "LEVELS", "ActivationTag", "BucketInfo", "BucketSettings", "CheckReport", "ConceptInfo",
-    "ImageFacts", "ImageInfo", "Problem", "ScannedDataset", "ScannedImage", "activation_tag", "dhash",
-    "format_table", "hamming_pairs", "has_transparency", "inspect_image", "is_grayscale", "phash",
-    "render_report", "scan_dataset",
+    "CANDIDATE_SHARE", "EXTREME_ASPECT", "LEVELS", "TOO_SMALL_AREA_SHARE", "ActivationTag", "BucketInfo",
+    "BucketSettings", "CheckReport", "ConceptInfo", "ImageFacts", "ImageInfo", "Problem", "ScannedDataset",
+    "ScannedImage", "activation_tag", "degenerate_image", "dhash", "format_table", "hamming_pairs",
+    "has_transparency", "inspect_image", "is_grayscale", "phash", "render_report", "scan_dataset",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS (kohya's default max_token_length)
-TOO_SMALL_AREA_SHARE = 0.5  # below this share of the training area an image counts as too small
-EXTREME_ASPECT = 3.0
 HEAVY_CROP_SHARE = 0.25
 PHASH_NEAR = 8  # near duplicate: pHash and dHash Hamming distances (of 64 bits) both at most these
 DHASH_NEAR = 10
@@ -163,6 +172,27 @@ def decode_images(ds: ScannedDataset, workers: int | None, progress: bool) -> li
                          desc="checking images", unit="img", disable=None if progress else True))
 
 
+# ----------------------------------------------------------------------------------------- files
+
+
+def link_problems(ds: ScannedDataset) -> list[Problem]:
+    """symlink_loop and broken_symlink: each link the scan could not follow (`unusable_links`); training
+    skips it with a warning in the same words."""
+    return [problem("warning", code, path, f"{words}: {SKIPPED_LINK}") for path, code, words in ds.links]
+
+
+def backup_notes(ds: ScannedDataset) -> list[Problem]:
+    """edit_backup: each `loralab dataset edit` backup folder in a dataset root, with its files, edits and
+    size, and the command that removes it. Training and the check skip it (its name starts with a dot)."""
+    return [problem(
+        "info", "edit_backup", b.path,
+        f"a backup left by `loralab dataset edit`: {b.files} files from {b.edits} "
+        f"{'edit' if b.edits == 1 else 'edits'}, {human_size(b.size)}. "
+        f"Training and dataset check ignore it (folders whose name starts with a dot are skipped); "
+        f"`loralab dataset edit --undo` restores captions from it. Once you no longer need that, remove it: "
+        f"rm -r {shell_path(b.path.absolute())}") for b in ds.backups]
+
+
 # ----------------------------------------------------------------------------------------- images
 
 
@@ -195,19 +225,12 @@ def check_images(
 
 
 def image_warnings(im: ScannedImage, fact: ImageFacts, choice: BucketChoice, settings: BucketSettings) -> list[Problem]:
-    """The warnings about one readable image: too_small, alpha, grayscale, extreme_aspect, heavy_crop."""
+    """The warnings about one readable image: too_small and extreme_aspect (`degenerate_image`, the size rules
+    that training warns about too), alpha, grayscale, heavy_crop."""
     assert im.size is not None
-    out: list[Problem] = []
     concept = im.subset.name
-    res = settings.resolution
-    w, h = im.size
-    if w * h < TOO_SMALL_AREA_SHARE * (res[0] * res[1]):
-        scale = choice.resized[0] / w
-        how = (f"it is upscaled x{scale:.1f} to its {choice.bucket[0]}x{choice.bucket[1]} bucket and trains blurry"
-               if scale > 1 else f"it trains in a small {choice.bucket[0]}x{choice.bucket[1]} bucket")
-        out.append(problem("warning", "too_small", im.path,
-                           f"{w}x{h} is less than half the training area {res[0]}x{res[1]}: {how}; use a larger image",
-                           concept))
+    out = [problem("warning", code, im.path, words, concept)
+           for code, words in degenerate_image(im.size, choice, settings.resolution)]
     if fact.transparent:
         out.append(problem(
             "warning", "alpha", im.path,
@@ -218,11 +241,6 @@ def image_warnings(im: ScannedImage, fact: ImageFacts, choice: BucketChoice, set
             "warning", "grayscale", im.path,
             "the image is grayscale but its caption has no monochrome/greyscale tag: the LoRA may learn to drop "
             "colour. Tag it `monochrome, greyscale` or remove it", concept))
-    aspect = max(w / h, h / w)
-    if aspect >= EXTREME_ASPECT:
-        out.append(problem("warning", "extreme_aspect", im.path,
-                           f"aspect ratio {aspect:.1f}:1 ({w}x{h}); crop it into parts closer to the bucket shapes",
-                           concept))
     crop_w, crop_h = choice.bucket
     cut = 1 - (crop_w * crop_h) / (choice.resized[0] * choice.resized[1])
     if cut >= HEAVY_CROP_SHARE:
@@ -408,6 +426,7 @@ def epoch_dataset(ds: ScannedDataset, settings: BucketSettings, unusable: set[Pa
             bucket_reso_steps=settings.bucket_reso_steps,
             bucket_no_upscale=settings.bucket_no_upscale,
             required_reso_steps=8,
+            warn_degenerate=False,  # check_images reports them
         )
 
 
@@ -503,6 +522,7 @@ def check_dataset(
     problems = [problem("warning", "empty_folder", folder,
                         "the folder has no images (.png .jpg .jpeg .webp .bmp); it is ignored")
                 for folder in ds.empty_folders]
+    problems += link_problems(ds) + backup_notes(ds)
     facts = decode_images(ds, workers, progress)
     image_problems, choices, unusable = check_images(ds, facts, settings, settings.candidates())
     problems += image_problems

@@ -30,13 +30,12 @@ from datetime import datetime
 from pathlib import Path
 
 from loralab.analyze.dataset_check import scan_dataset
+from loralab.analyze.scan import BACKUP_DIR, MANIFEST
 from loralab.errors import LoralabError
 from loralab.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-BACKUP_DIR = ".loralab_backup"
-MANIFEST = "manifest.json"
 BOM = b"\xef\xbb\xbf"
 
 

@@ -9,14 +9,60 @@ stopping the scan.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loralab.analyze.activation import activation_tag
 from loralab.data.captions import split_tags
-from loralab.data.dataset import ImageEntry, Subset, list_images, read_caption, scan_root
-from loralab.data.images import read_image_size
+from loralab.data.dataset import (
+    ImageEntry,
+    Subset,
+    list_images,
+    read_caption,
+    scan_root,
+    unusable_links,
+)
+from loralab.data.images import IMAGE_EXTENSIONS, read_image_size
 from loralab.errors import LoralabError
+
+# Where `loralab dataset edit` keeps copies of the captions it changed, in the dataset root. Its name starts
+# with a dot, so `scan_root` (training and every analysis) never takes it for a concept folder.
+BACKUP_DIR = ".loralab_backup"
+MANIFEST = "manifest.json"  # one per edit, in BACKUP_DIR/<timestamp>/
+
+
+@dataclass
+class EditBackup:
+    """One `BACKUP_DIR` folder found in a dataset root: how many files, edits and bytes it holds."""
+
+    path: Path
+    files: int
+    edits: int
+    size: int  # bytes
+
+
+def edit_backups(roots: list[Path]) -> list[EditBackup]:
+    """The `BACKUP_DIR` folder of each root that has one (symlinks inside are counted, not followed)."""
+    found = []
+    for root in roots:
+        base = root / BACKUP_DIR
+        if not base.is_dir():
+            continue
+        files = size = 0
+        for dirpath, _dirs, names in os.walk(base):
+            for name in names:
+                try:
+                    size += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    continue
+                files += 1
+        try:
+            edits = sum(1 for d in base.iterdir() if (d / MANIFEST).is_file())
+        except OSError:  # unreadable: still listed, so it can be looked at
+            edits = 0
+        found.append(EditBackup(base, files, edits, size))
+    return found
 
 
 @dataclass(eq=False)
@@ -47,6 +93,8 @@ class ScannedDataset:
     subsets: list[Subset]
     images: list[ScannedImage]
     empty_folders: list[Path] = field(default_factory=list)
+    links: list[tuple[Path, str, str]] = field(default_factory=list)  # `unusable_links`: (path, code, words)
+    backups: list[EditBackup] = field(default_factory=list)  # `edit_backups` of the roots
 
     def images_of(self, subset: Subset) -> list[ScannedImage]:
         return [im for im in self.images if im.subset is subset]
@@ -106,6 +154,8 @@ def scan_dataset(
 
     Captions as training reads them (`read_caption`: the first line, stripped); a missing or empty caption
     trains as the folder's class tokens, and so does it in `subsets`.
+    Also recorded: the symlinks that cannot be followed (`unusable_links`: in the roots, and the image and
+    caption names of the concept folders) and the `loralab dataset edit` backups of the roots (`edit_backups`).
     """
     caption_extension = _normalise_extension(caption_extension)
     roots = [(Path(train_dir), "train_data_dir", False)]
@@ -114,8 +164,12 @@ def scan_dataset(
     subsets: list[Subset] = []
     images: list[ScannedImage] = []
     empty: list[Path] = []
+    links: list[tuple[Path, str, str]] = []
     for root, key, is_reg in roots:
-        for subset in scan_root(root, key, is_reg):
+        subsets_of_root = scan_root(root, key, is_reg)
+        links += unusable_links(root)
+        for subset in subsets_of_root:
+            links += unusable_links(subset.dir, IMAGE_EXTENSIONS + (caption_extension.lower(),))
             paths = list_images(subset.dir)
             if not paths:
                 empty.append(subset.dir)
@@ -128,4 +182,5 @@ def scan_dataset(
             f"in its <repeats>_<name>/ folders"
         )
     reg_path = Path(reg_dir) if reg_dir else None
-    return ScannedDataset(Path(train_dir), reg_path, caption_extension, subsets, images, empty)
+    return ScannedDataset(Path(train_dir), reg_path, caption_extension, subsets, images, empty, links,
+                          edit_backups([root for root, _key, _reg in roots]))

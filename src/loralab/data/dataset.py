@@ -32,7 +32,14 @@ from loralab.data.buckets import (
     check_resolution,
 )
 from loralab.data.captions import split_tags
-from loralab.data.images import IMAGE_EXTENSIONS, is_image_file, read_image_size
+from loralab.data.images import (
+    IMAGE_EXTENSIONS,
+    SKIPPED_LINK,
+    degenerate_image,
+    is_image_file,
+    read_image_size,
+    symlink_problem,
+)
 from loralab.errors import LoralabError
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,25 @@ def list_images(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=str)
 
 
+def unusable_links(folder: Path, suffixes: Sequence[str] | None = None) -> list[tuple[Path, str, str]]:
+    """The symlinks in `folder` (not recursive) that cannot be followed, as (path, code, words) of
+    `symlink_problem`: loops and broken links, sorted by path. Only names with one of `suffixes` (any letter
+    case; None: every name), hidden names skipped, as the scan skips them. `list_images` leaves these out
+    (they are not files); the scans name them instead of dropping them without a word."""
+    found = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") or (suffixes is not None and p.suffix.lower() not in suffixes):
+            continue
+        if (bad := symlink_problem(p)) is not None:
+            found.append((p, *bad))
+    return sorted(found, key=lambda t: str(t[0]))
+
+
+def _warn_links(folder: Path, suffixes: Sequence[str] | None = None) -> None:
+    for path, _code, words in unusable_links(folder, suffixes):
+        log.warning("%s: %s: %s", path, words, SKIPPED_LINK)
+
+
 def caption_path(image_path: Path, caption_extension: str) -> Path:
     """The caption file of an image: `<image stem><caption_extension>` next to it (kohya rule)."""
     return image_path.with_name(image_path.stem + caption_extension)
@@ -124,6 +150,7 @@ def _names(paths: Sequence[Path]) -> str:
 
 
 def _scan_subset(subset: Subset, caption_extension: str, enable_wildcard: bool, class_tokens_fallback: bool) -> None:
+    _warn_links(subset.dir, IMAGE_EXTENSIONS + (caption_extension.lower(),))
     paths = list_images(subset.dir)
     missing: list[Path] = []
     empty: list[Path] = []
@@ -154,6 +181,9 @@ def scan_root(root: Path, key: str, is_reg: bool) -> list[Subset]:
     """The `<N>_<name>` subfolders of `root` (sorted by name; kohya takes directory order)."""
     what = "give the folder that holds <repeats>_<name>/ folders"
     if not root.exists():
+        bad = symlink_problem(root)
+        if bad is not None:
+            raise LoralabError(f"{key}: {root} is {bad[1]}; point the link at the dataset folder, or {what}")
         raise LoralabError(f"{key}: the folder {root} does not exist; {what}")
     if not root.is_dir():
         raise LoralabError(f"{key}: {root} is a file, not a folder; {what}")
@@ -185,6 +215,7 @@ def scan_root(root: Path, key: str, is_reg: bool) -> list[Subset]:
                 f"the image folder itself. Point {key} at its parent, and name the image folder like {example}/"
             )
         found = f" (found only {_names(skipped)}, without a repeat count)" if skipped else ""
+        found += "".join(f" ({path.name} is {words})" for path, _code, words in unusable_links(root)[:_SHOW])
         raise LoralabError(
             f"{key}: {root} has no <repeats>_<name>/ image folders{found}. Put the images in a subfolder such as "
             f"{root / example}/ (10 = how many times each image is seen per epoch)"
@@ -213,6 +244,8 @@ def scan_folder_dataset(
       `class_tokens_fallback=False` uses "" instead.
     - Image sizes come from the file headers (no decoding); an unreadable header is an error here.
     - A subset folder with no images is skipped with a warning (kohya).
+    - * A symlink that loops or whose target is missing (an image or caption name in a subset folder, any
+      name in a root) is skipped with a warning naming it (`unusable_links`); kohya drops it silently.
     Errors (LoralabError): a root that is missing; a root without `N_name/` folders (naming the case
     where the root is the image folder itself); no training images at all; a reg_data_dir that is set
     but missing or without folders (* kohya ignores it silently).
@@ -226,6 +259,7 @@ def scan_folder_dataset(
     result: list[Subset] = []
     for root, key, is_reg in roots:
         subsets = scan_root(root, key, is_reg)
+        _warn_links(root)
         for subset in subsets:
             _scan_subset(subset, caption_extension, enable_wildcard, class_tokens_fallback)
             if not subset.images:
@@ -368,6 +402,9 @@ class FolderDataset:
       `prepare_image` / `LatentCache.get`.
     `required_reso_steps` is the multiple that the model family wants for bucket_reso_steps
     (64 for SD 1.x/2.x, 32 for SDXL); other steps only warn.
+    Each image in use whose size is degenerate (`degenerate_image`: too small, extreme aspect ratio) gets
+    one warning naming it, from its header size alone; `warn_degenerate=False` is for `loralab dataset
+    check`, which reports them itself.
     """
 
     def __init__(
@@ -382,6 +419,7 @@ class FolderDataset:
         bucket_reso_steps: int = 64,
         bucket_no_upscale: bool = False,
         required_reso_steps: int = 64,
+        warn_degenerate: bool = True,
     ) -> None:
         if batch_size < 1:
             raise LoralabError(f"train_batch_size: {batch_size} must be at least 1")
@@ -418,12 +456,20 @@ class FolderDataset:
             registered += reg_balancing(reg_entries, self.num_train_images)
 
         self.samples: list[Sample] = []
+        degenerate: list[str] = []
         for entry, repeats in registered:
             try:
                 choice = self.candidates.choose(entry.size)
             except LoralabError as err:
                 raise LoralabError(f"{entry.path}: {err}") from err
             self.samples.append(Sample(entry=entry, choice=choice, is_reg=entry.subset.is_reg, repeats=repeats))
+            if warn_degenerate:  # once per file: each entry is registered once
+                degenerate += [f"{entry.path}: {words}" for _code, words in degenerate_image(entry.size, choice, resolution)]
+        for line in degenerate[:_SHOW]:
+            log.warning("%s", line)
+        if len(degenerate) > _SHOW:
+            log.warning("... and %d more images too small or too narrow for this resolution; `loralab dataset check` "
+                        "lists them all", len(degenerate) - _SHOW)
         self.num_reg_samples = sum(s.repeats for s in self.samples if s.is_reg)
 
         # bucket contents: sample indices x repeats, buckets sorted by resolution (kohya BucketManager.sort)

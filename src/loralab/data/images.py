@@ -5,7 +5,9 @@ torch is imported only inside `prepare_image`, so scanning a dataset does not lo
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +32,37 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def is_image_file(path: Path) -> bool:
     """An image kohya would train on: a known extension and not a hidden file (kohya globs `*`)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
+SKIPPED_LINK = "it is skipped; point the link at the real file (or folder) or delete it"
+
+
+def symlink_problem(path: Path) -> tuple[str, str] | None:
+    """Why a symlink cannot be followed, as (code, words), or None (not a symlink, or its target is there).
+
+    - ("symlink_loop", "a symlink loop ..."): following it leads back to itself, directly (`a -> a`) or
+      through other links (`a -> b`, `b -> a`); the system gives up with ELOOP.
+    - ("broken_symlink", "a broken symlink, target missing ..."): what it points to does not exist.
+    Training skips such a path (`SKIPPED_LINK`); it is named, not dropped without a word.
+    """
+    try:
+        if not path.is_symlink():
+            return None
+    except OSError:  # cannot even look at the entry: not a link problem, the read that follows names it
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink_loop", "a symlink loop (following it leads back to itself)"
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "broken_symlink", f"a broken symlink, target missing ({target})"
+        return "broken_symlink", f"a symlink whose target {target} cannot be read ({err.strerror})"
+    return None
 
 
 def _broken(path: Path, err: Exception) -> LoralabError:
@@ -71,6 +104,37 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     if w <= 0 or h <= 0:
         raise LoralabError(f"{path}: the image header says {w}x{h}; re-save the image or remove it")
     return w, h
+
+
+# The size rules of a degenerate image (`degenerate_image`); `loralab dataset check` reports the same.
+TOO_SMALL_AREA_SHARE = 0.5  # below this share of the training area an image counts as too small
+EXTREME_ASPECT = 3.0
+
+
+def degenerate_image(size: tuple[int, int], choice: BucketChoice, resolution: tuple[int, int]) -> list[tuple[str, str]]:
+    """What is wrong with an image by its size alone, as [(code, words)]; [] for a usable size.
+
+    - too_small: w x h < TOO_SMALL_AREA_SHARE x the training area (resolution W x H): it is upscaled to its
+      bucket (a 1x1 image x512 at 512x512) and trains blurry.
+    - extreme_aspect: max(w/h, h/w) >= EXTREME_ASPECT (3:1): most of it is cropped away or squeezed into
+      a thin bucket.
+    Only the header size is needed, so `FolderDataset` (training) warns with these words without decoding
+    the image; `loralab dataset check` reports them too, next to the rules that need the pixels (alpha,
+    grayscale) or the bucket settings (heavy_crop), which training does not check.
+    """
+    w, h = size
+    out: list[tuple[str, str]] = []
+    if w * h < TOO_SMALL_AREA_SHARE * (resolution[0] * resolution[1]):
+        scale = choice.resized[0] / w
+        how = (f"it is upscaled x{scale:.1f} to its {choice.bucket[0]}x{choice.bucket[1]} bucket and trains blurry"
+               if scale > 1 else f"it trains in a small {choice.bucket[0]}x{choice.bucket[1]} bucket")
+        words = f"{w}x{h} is less than half the training area {resolution[0]}x{resolution[1]}: {how}; use a larger image"
+        out.append(("too_small", words))
+    aspect = max(w / h, h / w)
+    if aspect >= EXTREME_ASPECT:
+        out.append(("extreme_aspect",
+                    f"aspect ratio {aspect:.1f}:1 ({w}x{h}); crop it into parts closer to the bucket shapes"))
+    return out
 
 
 def load_image(path: str | Path) -> Image.Image:
