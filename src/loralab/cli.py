@@ -24,7 +24,8 @@ def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
     while i < len(tokens):
         tok = tokens[i]
         if not tok.startswith("--") or len(tok) == 2:
-            raise LoralabError(f"command line: expected --key value, got {tok!r}")
+            hint = " (a config file? give it as --config FILE)" if tok.lower().endswith(".toml") else ""
+            raise LoralabError(f"command line: expected --key value, got {tok!r}{hint}")
         key = tok[2:].replace("-", "_")
         if "=" in key:
             key, value = key.split("=", 1)
@@ -388,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", add_help=False, help="train a LoRA from a kohya-style TOML config")
-    t.add_argument("--config", help="TOML config with kohya argument names")
+    t.add_argument("--config", "--config_file", dest="config", help="TOML config with kohya argument names")
     t.add_argument("-h", "--help", action="store_true")
     t.set_defaults(func=cmd_train)
     d = sub.add_parser("demo", help="teach the lab model a new shape: dataset, reg images, training, grids, report")

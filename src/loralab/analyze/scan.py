@@ -19,6 +19,7 @@ from loralab.data.dataset import (
     ImageEntry,
     Subset,
     list_images,
+    caption_path,
     read_caption,
     scan_root,
     unusable_links,
@@ -133,12 +134,12 @@ def scan_image(path: Path, subset: Subset, caption_extension: str) -> ScannedIma
     scanned = ScannedImage(path=path, subset=subset, caption=None)
     try:
         scanned.caption = read_caption(path, caption_extension)
-    except LoralabError as err:
-        scanned.caption_error = str(err)
+    except LoralabError as err:  # the report puts the path in front: not twice
+        scanned.caption_error = str(err).removeprefix(f"{caption_path(path, caption_extension)}: ")
     try:
         scanned.size = read_image_size(path)
     except LoralabError as err:
-        scanned.header_error = str(err)
+        scanned.header_error = str(err).removeprefix(f"{path}: ")
     if scanned.size is not None:
         caption = scanned.caption or subset.class_tokens
         subset.images.append(ImageEntry(path=path, caption=caption, size=scanned.size, subset=subset))

@@ -93,7 +93,7 @@ def _images(root: Path, caption_extension: str) -> list[tuple[Path, tuple[int, i
             try:
                 out.append((p, read_image_size(p), None))
             except LoralabError as err:
-                out.append((p, None, str(err)))
+                out.append((p, None, str(err).removeprefix(f"{p}: ")))
         return out
     ds = scan_dataset(root, caption_extension=caption_extension)
     return [(im.path, im.size, im.header_error) for im in ds.images]

@@ -155,9 +155,17 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert to RGB, compositing any transparency onto a white background."""
+    """Convert to RGB, compositing any transparency onto a white background.
+
+    16-bit and 32-bit grayscale (PIL modes I;16*, I, F) are scaled to 8 bits first: PIL's own
+    convert("RGB") clips them at 255, so a 16-bit scan would train as a white picture (as it does in
+    kohya). I;16 spans 0..65535; I and F are scaled by their own maximum (0..1 for F images within it)."""
     if img.mode == "RGB":
         return img.copy()
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0 if img.mode == "F" else 255.0)
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     if not has_alpha:
         return img.convert("RGB")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -104,9 +105,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     )
 
 
+def _load_weights_only(path: Path, **kw):
+    """torch.load that never unpickles code; torch's note about the pickle protocol (a file that is refused
+    anyway, or loads fine) is not shown: the outcome is our message."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(str(path), map_location="cpu", weights_only=True, **kw)
+
+
 def _read_pickle_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _load_weights_only(path)
     except pickle.UnpicklingError as e:
         raise LoralabError(
             f"{path} needs to run code to load (it pickles more than tensors), and loralab never unpickles code. "
@@ -244,7 +253,7 @@ def peek_family(path: str | Path) -> str | None:
             with safetensors.safe_open(str(path), framework="pt") as f:
                 return detect_family(f.keys(), str(path))
         if path.suffix.lower() in PICKLE_SUFFIXES:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            obj = _load_weights_only(path, mmap=True)
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 obj = obj["state_dict"]
             return detect_family(obj.keys(), str(path)) if isinstance(obj, dict) else None

@@ -120,6 +120,7 @@ class Run:
 def prepare(cfg: TrainConfig, recipe: Recipe) -> Run:
     """Build a run for `recipe` from the config (see the module docstring for the order)."""
     check_outputs(cfg)
+    check_resume_folder(cfg)
     run = Run(cfg=cfg, recipe=recipe, started_at=time.time())
     setup_device(run)
     torch.manual_seed(cfg.seed)
@@ -167,6 +168,19 @@ def check_outputs(cfg: TrainConfig) -> None:
             "would replace them. Choose another output_name or output_dir, continue that run with resume = "
             "\"<its -state folder>\", or set overwrite = true to start over.")
     log.info("overwrite: %s in %s will be replaced once the run is ready to start", names, cfg.output_dir)
+
+
+def check_resume_folder(cfg: TrainConfig) -> None:
+    """Before anything loads: `resume` names a complete state folder (its counters readable, its files there)."""
+    from loralab.train.state import STATE_PARTS, load_counters
+
+    if not cfg.resume:
+        return
+    load_counters(cfg.resume)
+    missing = [name for name in STATE_PARTS if not (Path(cfg.resume) / name).is_file()]
+    if missing:
+        raise LoralabError(f"resume: the state folder {cfg.resume} lacks {', '.join(missing)}; it is incomplete "
+                           "(copied in part?). Pick another state folder")
 
 
 def clear_earlier_run(run: Run) -> None:

@@ -24,6 +24,7 @@ from loralab.errors import LoralabError
 from loralab.io import disk_full_error, is_disk_full
 
 STATE_FILE = "train_state.json"
+STATE_PARTS = ("network.safetensors", "optimizer.pt", "scheduler.pt")  # and STATE_FILE; scaler.pt with fp16
 
 
 @dataclass
