@@ -160,17 +160,58 @@ output_name = "cli"
     assert (tmp_path / "out" / "cli.safetensors").is_file()
 
 
-def test_accelerate_two_processes_on_cpu(tmp_path, tiny_sd1_checkpoint):
+# Two CPU processes with a gloo process group, as `accelerate launch --multi_gpu` starts them on GPUs
+# (`accelerate launch --cpu --num_processes 2` starts a single process; torchrun starts two).
+TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+def test_two_processes_on_cpu(tmp_path, tiny_sd1_checkpoint):
     img, _ = make_dataset(tmp_path, concepts=(("2_alpha", 2), ("2_beta", 2)), reg=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "loralab.cli", "train", "--pretrained_model_name_or_path", str(tiny_sd1_checkpoint),
+    r = subprocess.run(TWO_PROCESSES + ["-m", "loralab.cli", "train", "--pretrained_model_name_or_path", str(tiny_sd1_checkpoint),
                         "--train_data_dir", str(img), "--output_dir", str(tmp_path / "out"), "--output_name", "ddp",
                         "--resolution", "64", "--max_train_steps", "2", "--network_dim", "2", "--device", "cpu"],
                        capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "2 processes" in r.stderr  # two really ran (`accelerate launch --cpu` would start one)
     assert [p.name for p in (tmp_path / "out").glob("*.safetensors")] == ["ddp.safetensors"]
+
+
+NAN_ON_ONE_RANK = """
+import sys
+from loralab.cli import run_command
+from loralab.config import build_config
+from loralab.recipes.lora import LoRARecipe
+from loralab.train.loop import fit
+
+class NaNOnRank1(LoRARecipe):  # only process 1 sees a NaN loss, at step 2
+    def loss(self, run, batch, rng, generator):
+        loss = super().loss(run, batch, rng, generator)
+        return loss * float("nan") if run.rank == 1 and run.global_step == 1 else loss
+
+ckpt, img, out = sys.argv[1:4]
+cfg = build_config(None, {"pretrained_model_name_or_path": ckpt, "train_data_dir": img, "output_dir": out,
+                          "output_name": "ddp", "resolution": "64", "max_train_steps": "4", "network_dim": "2",
+                          "device": "cpu", "save_every_n_steps": "1"})
+recipe = NaNOnRank1()
+sys.exit(run_command(lambda: fit(recipe.prepare(cfg), recipe, ()) and 0))
+"""
+
+
+def test_a_nan_in_one_of_two_processes_stops_both(tmp_path, tiny_sd1_checkpoint):
+    """Without a shared flag, the process with the NaN stops and the other waits in the gradient
+    all-reduce forever; with it both stop at the same step with the message."""
+    img, _ = make_dataset(tmp_path, concepts=(("2_alpha", 2), ("2_beta", 2)), reg=False)
+    (tmp_path / "nan_on_rank1.py").write_text(NAN_ON_ONE_RANK)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(TWO_PROCESSES + [str(tmp_path / "nan_on_rank1.py"), str(tiny_sd1_checkpoint), str(img), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert "error: the loss became NaN at step 2 (epoch 1); training stopped." in r.stderr, r.stderr[-3000:]
+    assert "error: the loss became NaN in another process at step 2 (epoch 1)" in r.stderr
+    assert "Traceback" not in r.stderr.split("failed (exitcode")[0]  # torchrun then prints its own about the exit
+    saved = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert saved == ["ddp-step00000001.safetensors"]  # the file before the NaN stays; no final file
 
 
 @pytest.mark.parametrize("opts", [

@@ -159,9 +159,8 @@ def main() -> None:
     if not a.only or "ddp2" in a.only:
         cfg = configs(a.work, ckpt, img, reg)["sd1_locon"]
         cfg = {**cfg, "output_dir": a.work / "out" / "ddp2", "save_state": "false"}
-        run_cli(cfg, env=env, launcher=[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-                                        "--cpu", "--num_machines", "1", "--mixed_precision", "no",
-                                        "--dynamo_backend", "no"])
+        # torchrun: `accelerate launch --cpu --num_processes 2` starts one process only (accelerate 1.x)
+        run_cli(cfg, env=env, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])
         result["ddp2"] = hash_tree(a.work / "out" / "ddp2")
         print(f"ddp2: {len(result['ddp2'])} files", flush=True)
     finish(a, result)

@@ -263,8 +263,8 @@ def count_steps(run: Run, batches_per_epoch: int) -> None:
     if run.is_main and run.dataset is not None:
         d = run.dataset
         log.info("dataset: %d train images (x repeats), %d reg images, %d batches/epoch, %d steps/epoch, %d epochs, "
-                 "%d steps", d.num_train_images, d.num_reg_images, batches_per_epoch, run.steps_per_epoch,
-                 run.num_epochs, run.max_steps)
+                 "%d steps%s", d.num_train_images, d.num_reg_images, batches_per_epoch, run.steps_per_epoch,
+                 run.num_epochs, run.max_steps, f", {run.world} processes" if run.world > 1 else "")
 
 
 def check_optimizer(run: Run) -> None:

@@ -97,14 +97,26 @@ def loss_of_prediction(run: Run, latents: torch.Tensor, noise: torch.Tensor, noi
 
 
 def nan_guard(run: Run, loss: torch.Tensor) -> None:
-    """Stop with advice when the loss is not finite; the files saved so far stay."""
-    if torch.isfinite(loss):
+    """Stop with advice when the loss is not finite; the files saved so far stay.
+
+    Under several processes every process learns whether any of them saw a NaN (one all-reduce of a
+    flag per micro-batch): all stop at the same step, none is left waiting in the gradient all-reduce."""
+    bad = ~torch.isfinite(loss.detach()).reshape(1)
+    where = ""
+    if run.world > 1:
+        import torch.distributed as dist
+
+        flags = bad.float()
+        dist.all_reduce(flags)
+        where = "" if bad.item() else " in another process"
+        bad = flags > 0
+    if not bad.item():
         return
     run.log.event("nan", step=run.global_step, epoch=run.epoch + 1)
     run.log.close()
     kept = f" The last good file is {run.last_good}." if run.last_good else " No LoRA file was saved before it."
     raise LoralabError(
-        f"the loss became NaN at step {run.global_step + 1} (epoch {run.epoch + 1}); training stopped.{kept} "
+        f"the loss became NaN{where} at step {run.global_step + 1} (epoch {run.epoch + 1}); training stopped.{kept} "
         "Try a lower learning_rate (or unet_lr/text_encoder_lr), mixed_precision = \"bf16\" instead of "
         "\"fp16\", max_grad_norm = 1.0, or check the images for broken files.")
 
