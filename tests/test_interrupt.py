@@ -164,3 +164,28 @@ def test_sigkill_at_three_points_then_resume_ends_bit_identical(tmp_path, tiny_s
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(out / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name) == []  # the killed writes' temp files too
+
+
+def test_resume_from_a_state_saved_on_an_epochs_last_step_logs_that_epoch(tmp_path, tiny_sd1_checkpoint):
+    import json
+
+    from loralab.config import build_config
+    from loralab.recipes.lora import train
+    from test_train import base_cfg
+
+    img, _ = make_dataset(tmp_path, concepts=(("2_alpha", 1),), reg=False)  # 2 steps an epoch (batch 1)
+    keys = base_cfg(tiny_sd1_checkpoint, img, tmp_path / "a", max_train_epochs=2, train_batch_size=1,
+                    save_every_n_steps=2, save_state="true")
+    train(build_config(None, keys))
+    straight = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    # the same run again (it saves a step state on epoch 1's last step), then resumed from that state
+    train(build_config(None, {**keys, "output_dir": str(tmp_path / "b")}))
+    train(build_config(None, {**keys, "output_dir": str(tmp_path / "b"),
+                              "resume": str(tmp_path / "b" / "lora-step00000002-state")}))
+    resumed = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+
+    def epochs(records):
+        return [(r["epoch"], r["step"], r["loss/epoch_average"]) for r in records if r["kind"] == "epoch"]
+
+    after_resume = resumed[[r.get("event") for r in resumed].index("resumed"):]
+    assert epochs(after_resume) == epochs(straight)  # epoch 1 (its last step came before the resume), then 2

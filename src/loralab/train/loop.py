@@ -53,7 +53,6 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
         for epoch in range(first_epoch, run.num_epochs):
             run.epoch = epoch
             mine = shard(recipe.batches(run, epoch), run.rank, run.world, run.batches_per_proc)
-            steps_before = run.global_step
             run.batch_in_epoch = run.skip_batches if epoch == first_epoch else 0
             for bi in range(run.batch_in_epoch, len(mine)):
                 if run.global_step >= run.max_steps:
@@ -82,7 +81,7 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
             run.skip_batches = 0
             if run.stop_reason and run.batch_in_epoch < len(mine) and run.global_step < run.max_steps:
                 break  # stopped inside the epoch: it did not end
-            if run.global_step > steps_before:
+            if run.batch_in_epoch > 0:  # also an epoch whose last step came before a resume from a step state
                 run.log.epoch(epoch + 1, step=run.global_step)
             notify(cbs, "on_epoch_end", run)
             if run.finished():
