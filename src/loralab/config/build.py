@@ -1,0 +1,238 @@
+"""Building a config: a TOML file, then command-line overrides (CLI > TOML > default), each value converted
+to its key's type, then the checks that need no model."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from loralab.config.fields import TrainConfig, parse_resolution
+from loralab.config.kohya import IGNORED_KOHYA_KEYS
+from loralab.errors import LoralabError
+
+log = logging.getLogger(__name__)
+
+
+def _fields(config_class: type) -> dict[str, Any]:
+    return {f.name: f for f in fields(config_class)}
+
+
+def _coerce(name: str, value: Any, source: str, known: dict[str, Any]) -> Any:
+    """Convert a TOML or command-line value to the type of the field `name`."""
+    f = known[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    where = f"{name} ({source})"
+    try:
+        if name == "resolution":
+            w, h = parse_resolution(value)
+            return f"{w},{h}"
+        if name == "lr_warmup_steps":
+            return _parse_warmup(value)
+        if name in ("unet_lr", "text_encoder_lr") and isinstance(value, list):
+            value = value[0] if value else -1.0
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError("expected true or false")
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(value) if not isinstance(value, str) else int(float(value))
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return value.split() if value.strip() else []
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            raise ValueError("expected a list of 'key=value' strings")
+        if isinstance(default, str):
+            if isinstance(value, (dict, list)):
+                raise ValueError("expected a string")
+            return "" if value is None else str(value)
+    except (ValueError, TypeError) as e:
+        raise LoralabError(f"{where}: bad value {value!r}: {e}") from None
+    return value
+
+
+def _parse_warmup(value: Any) -> float:
+    """lr_warmup_steps: an integer step count, a fraction < 1 of all steps, or 'N%'."""
+    if isinstance(value, str):
+        v = value.strip()
+        if v.endswith("%"):
+            return float(v[:-1]) / 100.0
+        value = float(v)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError("expected a step count, a fraction below 1, or 'N%'")
+    return float(value)
+
+
+def _flatten(doc: dict, path: str) -> dict[str, Any]:
+    """kohya flattens one level of [sections]."""
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            for k2, v2 in value.items():
+                if isinstance(v2, dict):
+                    raise LoralabError(f"{path}: [{key}.{k2}] nests too deep; use one level of [section]")
+                flat[k2] = v2
+        else:
+            flat[key] = value
+    return flat
+
+
+def _unknown_key_error(key: str, source: str, known: dict[str, Any]) -> LoralabError:
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else " `loralab train --help` lists every key."
+    return LoralabError(f"{source}: unknown key {key!r}.{hint}")
+
+
+def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """TOML file, then command-line overrides (CLI > TOML > default); validated.
+
+    `config_class`: a recipe's own config (a TrainConfig subclass whose extra fields are that method's
+    keys, still flat kohya-style keys for the user; its `validate()` method, if any, checks them)."""
+    known = _fields(config_class)
+    values: dict[str, Any] = {}
+    if toml_path:
+        p = Path(toml_path)
+        try:
+            doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LoralabError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise LoralabError(f"{p}: not valid TOML: {e}") from None
+        for key, value in _flatten(doc, str(p)).items():
+            values[key] = (value, str(p))
+    for key, value in (overrides or {}).items():
+        values[key] = (value, "command line")
+    kwargs: dict[str, Any] = {}
+    for key, (value, source) in values.items():
+        if key in IGNORED_KOHYA_KEYS:
+            log.info("config key %s is ignored: %s", key, IGNORED_KOHYA_KEYS[key])
+            continue
+        if key not in known:
+            raise _unknown_key_error(key, source, known)
+        kwargs[key] = _coerce(key, value, source, known)
+    cfg = config_class(**kwargs)
+    validate(cfg)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no model: choices, ranges, paths, combinations."""
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise LoralabError(f"{f.name}: {getattr(cfg, f.name)!r} is not accepted; use one of {', '.join(map(str, choices))}")
+    if not cfg.pretrained_model_name_or_path:
+        raise LoralabError("pretrained_model_name_or_path: missing; give the base model file or folder")
+    if not Path(cfg.pretrained_model_name_or_path).exists():
+        raise LoralabError(f"pretrained_model_name_or_path: {cfg.pretrained_model_name_or_path} does not exist")
+    if not cfg.train_data_dir:
+        raise LoralabError("train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders")
+    for key in ("train_data_dir", "reg_data_dir", "validation_data_dir", "vae", "network_weights", "sample_prompts", "resume"):
+        value = getattr(cfg, key)
+        if value and not Path(value).exists():
+            raise LoralabError(f"{key}: {value} does not exist")
+    w, h = cfg.resolution_wh()
+    if w % 8 or h % 8 or w <= 0 or h <= 0:
+        raise LoralabError(f"resolution: {w},{h} must be positive multiples of 8")
+    positive = ("network_dim", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "bucket_reso_steps")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise LoralabError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
+    for key in ("network_dropout", "rank_dropout", "module_dropout", "caption_dropout_rate", "caption_tag_dropout_rate"):
+        v = getattr(cfg, key)
+        if not 0.0 <= v < 1.0:
+            raise LoralabError(f"{key}: must be in [0, 1), got {v}")
+    opts = cfg.network_options()
+    for key in ("rank_dropout", "module_dropout"):
+        if not 0.0 <= opts[key] < 1.0:
+            raise LoralabError(f"network_args {key}: must be in [0, 1), got {opts[key]}")
+    if cfg.max_train_epochs < 0 or cfg.max_train_steps < 1 and cfg.max_train_epochs == 0:
+        raise LoralabError("max_train_steps / max_train_epochs: give a positive number of steps or epochs")
+    if not 0 <= cfg.min_timestep < cfg.max_timestep <= 1000:
+        raise LoralabError(f"min_timestep/max_timestep: need 0 <= min < max <= 1000, got {cfg.min_timestep}, {cfg.max_timestep}")
+    if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
+        raise LoralabError("network_train_unet_only and network_train_text_encoder_only: choose at most one")
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
+        raise LoralabError("lr_warmup_steps: the constant scheduler has no warmup; use lr_scheduler = \"constant_with_warmup\"")
+    if not 0.0 <= cfg.validation_split < 1.0:
+        raise LoralabError(f"validation_split: must be in [0, 1), got {cfg.validation_split}")
+    for key in ("validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps"):
+        if getattr(cfg, key) < 0:
+            raise LoralabError(f"{key}: must be 0 or more, got {getattr(cfg, key)}")
+    if cfg.ip_noise_gamma < 0 or cfg.token_warmup_step < 0 or cfg.token_warmup_min < 0:
+        raise LoralabError("ip_noise_gamma, token_warmup_step, token_warmup_min: must be 0 or more")
+    if cfg.clip_skip < 0:
+        raise LoralabError(f"clip_skip: must be 0 or more, got {cfg.clip_skip}")
+    if cfg.cache_latents_to_disk and not cfg.cache_latents:
+        cfg.cache_latents = True  # kohya: to_disk implies cache_latents
+    if cfg.cache_text_encoder_outputs_to_disk and not cfg.cache_text_encoder_outputs:
+        cfg.cache_text_encoder_outputs = True  # kohya: to_disk implies cache_text_encoder_outputs
+    if cfg.cache_text_encoder_outputs:
+        _check_text_encoder_cache(cfg)
+    if cfg.fp8_base and cfg.mixed_precision == "no":
+        raise LoralabError('fp8_base: the float8 weights are computed in bf16 or fp16; set mixed_precision = "bf16" '
+                           '(or "fp16"), or fp8_base = false')
+    if cfg.max_bucket_reso < cfg.min_bucket_reso:
+        raise LoralabError("min_bucket_reso/max_bucket_reso: min must not exceed max")
+    if cfg.save_every_n_epochs < 0 or cfg.save_every_n_steps < 0:
+        raise LoralabError("save_every_n_epochs/save_every_n_steps: must be 0 or more")
+
+
+def _check_text_encoder_cache(cfg: TrainConfig) -> None:
+    """cache_text_encoder_outputs needs frozen text encoders and one caption per image (kohya's rule);
+    caption dropout is fine (the empty caption is cached too)."""
+    if cfg.trains_text_encoder():
+        raise LoralabError(
+            "cache_text_encoder_outputs: the text encoders would be trained, so their outputs change every step; "
+            "set network_train_unet_only = true (or text_encoder_lr = 0), or cache_text_encoder_outputs = false")
+    varying = [name for name, on in (("shuffle_caption", cfg.shuffle_caption),
+                                     ("caption_tag_dropout_rate", cfg.caption_tag_dropout_rate > 0),
+                                     ("enable_wildcard", cfg.enable_wildcard),
+                                     ("token_warmup_step", cfg.token_warmup_step > 0)) if on]
+    if varying:
+        raise LoralabError(
+            f"cache_text_encoder_outputs: {', '.join(varying)} change{'s' if len(varying) == 1 else ''} the caption "
+            "every step, so one cached output per image would be wrong; turn "
+            f"{'it' if len(varying) == 1 else 'them'} off or set cache_text_encoder_outputs = false")
+
+
+def config_help(config_class: type[TrainConfig] = TrainConfig) -> str:
+    """Every key, its default and meaning, grouped; used by `loralab train --help`."""
+    lines: list[str] = []
+    group = None
+    for f in fields(config_class):
+        g = f.metadata.get("group", "")
+        if g != group:
+            group = g
+            lines.append(f"\n[{g}]")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        choices = f.metadata.get("choices")
+        extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+        lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
