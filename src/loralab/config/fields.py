@@ -55,9 +55,14 @@ class TrainConfig:
     caption_dropout_rate: float = _f(0.0, "probability of training an image with an empty caption", group="dataset")
     caption_dropout_every_n_epochs: int = _f(0, "empty captions for a whole epoch every N epochs", group="dataset")
     caption_tag_dropout_rate: float = _f(0.0, "probability of dropping each non-kept tag", group="dataset")
+    weighted_captions: bool = _f(False, "(tag:1.2) weights in captions scale those tokens' text embeddings", group="dataset")
     token_warmup_min: int = _f(1, "token warmup: flexible tags trained at step 0", group="dataset")
     token_warmup_step: float = _f(0.0, "token warmup: steps (or a fraction < 1 of all steps) until every tag is "
                                   "trained; 0 = off", group="dataset")
+    color_aug: bool = _f(False, "random hue shift of each image (kohya; no latent cache)", group="dataset")
+    random_crop: bool = _f(False, "random crop position instead of the centre (kohya; no latent cache)", group="dataset")
+    dataset_config: str = _f("", "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]) instead of "
+                             "train_data_dir / reg_data_dir", group="dataset")
     prior_loss_weight: float = _f(1.0, "loss weight of regularization images", group="dataset")
     cache_latents: bool = _f(False, "encode images once and keep latents in memory", group="dataset")
     cache_latents_to_disk: bool = _f(False, "cache latents in .npz files next to the images (reused by later runs)", group="dataset")
@@ -103,6 +108,13 @@ class TrainConfig:
     lr_warmup_steps: float = _f(0, "warmup: a step count, or a fraction (<1) of all steps", group="training")
     lr_scheduler_num_cycles: int = _f(1, "restarts for cosine_with_restarts", group="training")
     lr_scheduler_power: float = _f(1.0, "power for polynomial", group="training")
+    lr_scheduler_args: list = _f([], "scheduler keyword args, kohya syntax: 'k=v' list", group="training")
+    lr_scheduler_type: str = _f("", "a scheduler class by dotted path (with lr_scheduler_args)", group="training")
+    lr_decay_steps: float = _f(0, "warmup_stable_decay: decay steps (a count, or a fraction < 1 of all steps)",
+                               group="training")
+    lr_scheduler_timescale: int = _f(0, "inverse_sqrt timescale (0 = the warmup steps)", group="training")
+    lr_scheduler_min_lr_ratio: float = _f(0.0, "cosine_with_min_lr / warmup_stable_decay: lowest lr as a ratio of "
+                                          "the initial one", group="training")
     min_snr_gamma: float = _f(0.0, "min-SNR loss weighting gamma (5 is common; 0 = off)", group="training")
     noise_offset: float = _f(0.0, "noise offset (0.05-0.1 lets the model learn darker/brighter images)", group="training")
     noise_offset_random_strength: bool = _f(False, "scale noise_offset by U(0,1) each step", group="training")
@@ -113,6 +125,20 @@ class TrainConfig:
     ip_noise_gamma_random_strength: bool = _f(False, "scale ip_noise_gamma by U(0,1) each step", group="training")
     min_timestep: int = _f(0, "smallest training timestep", group="training")
     max_timestep: int = _f(1000, "largest training timestep (exclusive)", group="training")
+    loss_type: str = _f("l2", "loss: l2 (MSE), l1, huber or smooth_l1", choices=("l2", "l1", "huber", "smooth_l1"),
+                        group="training")
+    huber_schedule: str = _f("snr", "huber_c over timesteps: constant, exponential or snr",
+                             choices=("constant", "exponential", "snr"), group="training")
+    huber_c: float = _f(0.1, "huber / smooth_l1 threshold", group="training")
+    huber_scale: float = _f(1.0, "huber / smooth_l1 scale", group="training")
+    zero_terminal_snr: bool = _f(False, "rescale the noise schedule to zero SNR at the last timestep (v-prediction "
+                                 "models such as NoobAI-XL v-pred need it)", group="training")
+    debiased_estimation_loss: bool = _f(False, "weight the loss by 1/sqrt(SNR) (debiased estimation)", group="training")
+    v_pred_like_loss: float = _f(0.0, "add this times a v-prediction-like loss term (0 = off)", group="training")
+    scale_v_pred_loss_like_noise_pred: bool = _f(False, "scale the v-prediction loss like the noise-prediction "
+                                                 "loss (SNR / (SNR + 1))", group="training")
+    full_fp16: bool = _f(False, "train in fp16 entirely, gradients too (needs mixed_precision fp16)", group="training")
+    full_bf16: bool = _f(False, "train in bf16 entirely, gradients too (needs mixed_precision bf16)", group="training")
     # --- validation
     validation_split: float = _f(0.0, "share of each training folder's images held out for the validation loss "
                                  "(0.1-0.2 typical; 0 = off)", group="validation")
@@ -132,6 +158,12 @@ class TrainConfig:
     save_every_n_epochs: int = _f(0, "save <output_name>-NNNNNN.safetensors every N epochs (0 = only at the end)", group="output")
     save_every_n_steps: int = _f(0, "save <output_name>-stepNNNNNNNN.safetensors every N steps", group="output")
     save_model_as: str = _f("safetensors", "file format", choices=("safetensors",), group="output")
+    save_last_n_epochs: int = _f(0, "keep only the last N epoch files (0 = keep all)", group="output")
+    save_last_n_epochs_state: int = _f(0, "keep only the last N epoch state folders (0 = save_last_n_epochs)",
+                                       group="output")
+    save_last_n_steps: int = _f(0, "keep only the step files of the last N steps (0 = keep all)", group="output")
+    save_last_n_steps_state: int = _f(0, "keep only the step state folders of the last N steps (0 = "
+                                      "save_last_n_steps)", group="output")
     save_state: bool = _f(False, "save the full training state next to each save (for resume)", group="output")
     save_state_on_train_end: bool = _f(False, "save the training state at the end", group="output")
     resume: str = _f("", "resume from a state folder written by save_state", group="output")
