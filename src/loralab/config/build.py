@@ -146,69 +146,93 @@ NOT_YET = {"color_aug": False, "random_crop": False, "dataset_config": "", "loss
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks that need no model: choices, ranges, paths, combinations."""
+    """Checks that need no model: choices, ranges, paths, combinations. Every problem is reported at once
+    (`config_problems`)."""
+    raise_problems(config_problems(cfg))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One error for every problem found: the message itself when there is one, else a list."""
+    if len(problems) == 1:
+        raise LoralabError(problems[0])
+    if problems:
+        raise LoralabError(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {m}" for m in problems))
+
+
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """The problems of a config, in key order, as messages that name the key."""
+    problems: list[str] = []
+    bad = problems.append
     for key, default in NOT_YET.items():
         if getattr(cfg, key) != default:
-            raise LoralabError(f"{key}: not implemented in loralab yet; remove it or set it to {default!r}")
+            bad(f"{key}: not implemented in loralab yet; remove it or set it to {default!r}")
     for f in fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
-            raise LoralabError(f"{f.name}: {getattr(cfg, f.name)!r} is not accepted; use one of {', '.join(map(str, choices))}")
+            bad(f"{f.name}: {getattr(cfg, f.name)!r} is not accepted; use one of {', '.join(map(str, choices))}")
     if not cfg.pretrained_model_name_or_path:
-        raise LoralabError("pretrained_model_name_or_path: missing; give the base model file or folder")
+        bad("pretrained_model_name_or_path: missing; give the base model file or folder")
     if not Path(cfg.pretrained_model_name_or_path).exists():
-        raise LoralabError(f"pretrained_model_name_or_path: {cfg.pretrained_model_name_or_path} does not exist")
+        bad(f"pretrained_model_name_or_path: {cfg.pretrained_model_name_or_path} does not exist")
     if not cfg.train_data_dir:
-        raise LoralabError("train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders")
+        bad("train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders")
     for key in ("train_data_dir", "reg_data_dir", "validation_data_dir", "vae", "network_weights", "sample_prompts", "resume"):
         value = getattr(cfg, key)
         if value and not Path(value).exists():
-            raise LoralabError(f"{key}: {value} does not exist")
+            bad(f"{key}: {value} does not exist")
     w, h = cfg.resolution_wh()
     if w % 8 or h % 8 or w <= 0 or h <= 0:
-        raise LoralabError(f"resolution: {w},{h} must be positive multiples of 8")
+        bad(f"resolution: {w},{h} must be positive multiples of 8")
     positive = ("network_dim", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "bucket_reso_steps")
     for key in positive:
         if getattr(cfg, key) < 1:
-            raise LoralabError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
+            bad(f"{key}: must be at least 1, got {getattr(cfg, key)}")
     for key in ("network_dropout", "rank_dropout", "module_dropout", "caption_dropout_rate", "caption_tag_dropout_rate"):
         v = getattr(cfg, key)
         if not 0.0 <= v < 1.0:
-            raise LoralabError(f"{key}: must be in [0, 1), got {v}")
-    opts = cfg.network_options()
+            bad(f"{key}: must be in [0, 1), got {v}")
+    try:
+        opts = cfg.network_options()
+    except LoralabError as e:
+        bad(str(e))
+        opts = {}
     for key in ("rank_dropout", "module_dropout"):
-        if not 0.0 <= opts[key] < 1.0:
-            raise LoralabError(f"network_args {key}: must be in [0, 1), got {opts[key]}")
+        if key in opts and not 0.0 <= opts[key] < 1.0:
+            bad(f"network_args {key}: must be in [0, 1), got {opts[key]}")
     if cfg.max_train_epochs < 0 or cfg.max_train_steps < 1 and cfg.max_train_epochs == 0:
-        raise LoralabError("max_train_steps / max_train_epochs: give a positive number of steps or epochs")
+        bad("max_train_steps / max_train_epochs: give a positive number of steps or epochs")
     if not 0 <= cfg.min_timestep < cfg.max_timestep <= 1000:
-        raise LoralabError(f"min_timestep/max_timestep: need 0 <= min < max <= 1000, got {cfg.min_timestep}, {cfg.max_timestep}")
+        bad(f"min_timestep/max_timestep: need 0 <= min < max <= 1000, got {cfg.min_timestep}, {cfg.max_timestep}")
     if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
-        raise LoralabError("network_train_unet_only and network_train_text_encoder_only: choose at most one")
+        bad("network_train_unet_only and network_train_text_encoder_only: choose at most one")
     if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
-        raise LoralabError("lr_warmup_steps: the constant scheduler has no warmup; use lr_scheduler = \"constant_with_warmup\"")
+        bad("lr_warmup_steps: the constant scheduler has no warmup; use lr_scheduler = \"constant_with_warmup\"")
     if not 0.0 <= cfg.validation_split < 1.0:
-        raise LoralabError(f"validation_split: must be in [0, 1), got {cfg.validation_split}")
+        bad(f"validation_split: must be in [0, 1), got {cfg.validation_split}")
     for key in ("validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps"):
         if getattr(cfg, key) < 0:
-            raise LoralabError(f"{key}: must be 0 or more, got {getattr(cfg, key)}")
+            bad(f"{key}: must be 0 or more, got {getattr(cfg, key)}")
     if cfg.ip_noise_gamma < 0 or cfg.token_warmup_step < 0 or cfg.token_warmup_min < 0:
-        raise LoralabError("ip_noise_gamma, token_warmup_step, token_warmup_min: must be 0 or more")
+        bad("ip_noise_gamma, token_warmup_step, token_warmup_min: must be 0 or more")
     if cfg.clip_skip < 0:
-        raise LoralabError(f"clip_skip: must be 0 or more, got {cfg.clip_skip}")
+        bad(f"clip_skip: must be 0 or more, got {cfg.clip_skip}")
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
         cfg.cache_latents = True  # kohya: to_disk implies cache_latents
     if cfg.cache_text_encoder_outputs_to_disk and not cfg.cache_text_encoder_outputs:
         cfg.cache_text_encoder_outputs = True  # kohya: to_disk implies cache_text_encoder_outputs
     if cfg.cache_text_encoder_outputs:
-        _check_text_encoder_cache(cfg)
+        try:
+            _check_text_encoder_cache(cfg)
+        except LoralabError as e:
+            bad(str(e))
     if cfg.fp8_base and cfg.mixed_precision == "no":
-        raise LoralabError('fp8_base: the float8 weights are computed in bf16 or fp16; set mixed_precision = "bf16" '
+        bad('fp8_base: the float8 weights are computed in bf16 or fp16; set mixed_precision = "bf16" '
                            '(or "fp16"), or fp8_base = false')
     if cfg.max_bucket_reso < cfg.min_bucket_reso:
-        raise LoralabError("min_bucket_reso/max_bucket_reso: min must not exceed max")
+        bad("min_bucket_reso/max_bucket_reso: min must not exceed max")
     if cfg.save_every_n_epochs < 0 or cfg.save_every_n_steps < 0:
-        raise LoralabError("save_every_n_epochs/save_every_n_steps: must be 0 or more")
+        bad("save_every_n_epochs/save_every_n_steps: must be 0 or more")
+    return problems
 
 
 def _check_text_encoder_cache(cfg: TrainConfig) -> None:
