@@ -116,5 +116,6 @@ def test_help_lists_every_key_with_default():
 def test_cli_prints_error_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--network_dim", "8"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert "error: pretrained_model_name_or_path: missing" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.stderr == ("error: 2 problems in the config:\n"
+                          "  - pretrained_model_name_or_path: missing; give the base model file or folder\n"
+                          "  - train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders\n")
