@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from loralab.cli import _parse_overrides
+from loralab.config.kohya import parse_command_line
 from loralab.config import TrainConfig, build_config, config_help
 from loralab.errors import LoralabError
 
@@ -50,7 +50,7 @@ lr_scheduler = "cosine"
 def test_unknown_key_names_it_and_suggests(tmp_path, paths):
     model, data = paths
     p = write_toml(tmp_path, f'pretrained_model_name_or_path = "{model}"\ntrain_data_dir = "{data}"\nnetwork_dimm = 8\n')
-    with pytest.raises(LoralabError, match=r"unknown key 'network_dimm'.*network_dim"):
+    with pytest.raises(LoralabError, match=r"network_dimm: unknown key \(.*\)\. Did you mean network_dim"):
         build_config(p)
 
 
@@ -100,9 +100,9 @@ def test_ignored_kohya_keys_are_accepted(tmp_path, paths):
 
 
 def test_cli_override_parsing():
-    assert _parse_overrides(["--network_dim", "8", "--flip_aug", "--unet_lr", "-1", "--optimizer_args", "a=1", "b=2"]) == {
+    assert parse_command_line(["--network_dim", "8", "--flip_aug", "--unet_lr", "-1", "--optimizer_args", "a=1", "b=2"]) == {
         "network_dim": "8", "flip_aug": "true", "unet_lr": "-1", "optimizer_args": ["a=1", "b=2"]}
-    assert _parse_overrides(["--seed=3"]) == {"seed": "3"}
+    assert parse_command_line(["--seed=3"]) == {"seed": "3"}
 
 
 def test_help_lists_every_key_with_default():
@@ -119,3 +119,47 @@ def test_cli_prints_error_without_traceback(tmp_path):
     assert out.stderr == ("error: 2 problems in the config:\n"
                           "  - pretrained_model_name_or_path: missing; give the base model file or folder\n"
                           "  - train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders\n")
+
+
+def test_key_equals_value_on_the_command_line_keeps_the_value_as_written():
+    assert parse_command_line(["--learning_rate=1e-4", "--output_name=my-lora", "--network-dim", "8"]) == {
+        "learning_rate": "1e-4", "output_name": "my-lora", "network_dim": "8"}
+
+
+def test_every_problem_of_a_file_in_one_message(tmp_path, paths, caplog):
+    model, data = paths
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'pretrained_model_name_or_path = "{model}"\ntrain_data_dir = "{data}"\n'
+                   'epoch = 10\nconfig_file = "x.toml"\nnetwork_dimm = 8\nzzz_unheard_of = 1\n'
+                   'learning_rate = "fast"\nlog_with = "wandb"\nxformers = true\ncaption_extention = ".caption"\n'
+                   'huggingface_repo_id = ""\nmax_data_loader_n_workers = 8\n')
+    with caplog.at_level("INFO"), pytest.raises(LoralabError) as e:
+        build_config(cfg)
+    assert str(e.value) == (
+        "6 problems in the config:\n"
+        f"  - epoch: unknown key ({cfg}). Did you mean max_train_epochs?\n"
+        f"  - config_file: unknown key ({cfg}). Did you mean --config FILE on the command line?\n"
+        f"  - network_dimm: unknown key ({cfg}). Did you mean network_dim?\n"
+        f"  - zzz_unheard_of: unknown key ({cfg}). `loralab train --help` lists every key.\n"
+        f"  - learning_rate ({cfg}): bad value 'fast': could not convert string to float: 'fast'\n"
+        f"  - log_with = 'wandb': Weights & Biases logging is not supported; TensorBoard logs go to logging_dir "
+        f"(remove log_with or set it to \"tensorboard\") ({cfg})")
+    assert "xformers" in caplog.text and "attention uses torch SDPA" in caplog.text
+
+
+def test_kohya_keys_without_effect_aliases_and_off_values_load(tmp_path, paths, caplog):
+    model, data = paths
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'pretrained_model_name_or_path = "{model}"\ntrain_data_dir = "{data}"\n'
+                   'xformers = true\nlog_with = "tensorboard"\nhuggingface_repo_id = ""\ndynamo_backend = "no"\n'
+                   'caption_extention = ".caption"\nuse_8bit_adam = true\nmasked_loss = false\ndeepspeed = false\n'
+                   'max_data_loader_n_workers = 8\n')
+    with caplog.at_level("INFO"):
+        c = build_config(cfg)
+    assert c.caption_extension == ".caption" and c.optimizer_type == "AdamW8bit"
+    assert f"max_data_loader_n_workers ({cfg}): no effect in loralab: images load in the main process" in caplog.text
+    for key, value, words in [("masked_loss", "true", "masked_loss is not supported yet"),
+                              ("dynamo_backend", "inductor", "torch.compile is not supported yet"),
+                              ("huggingface_repo_id", "me/lora", "does not upload")]:
+        with pytest.raises(LoralabError, match=words):
+            build_config(cfg, {key: value})

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
 from loralab.errors import LoralabError
 
@@ -17,51 +16,15 @@ log = logging.getLogger("loralab")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """`--key value` pairs after the known options; a `--flag` with no value means true."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--") or len(tok) == 2:
-            hint = " (a config file? give it as --config FILE)" if tok.lower().endswith(".toml") else ""
-            raise LoralabError(f"command line: expected --key value, got {tok!r}{hint}")
-        key = tok[2:].replace("-", "_")
-        if "=" in key:
-            key, value = key.split("=", 1)
-            out[key] = value
-            i += 1
-            continue
-        values: list[str] = []
-        i += 1
-        while i < len(tokens) and not (tokens[i].startswith("--") and len(tokens[i]) > 2 and not _is_number(tokens[i])):
-            values.append(tokens[i])
-            i += 1
-        if not values:
-            out[key] = "true"
-        elif len(values) == 1:
-            out[key] = values[0]
-        else:
-            out[key] = values
-    return out
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from loralab.config import build_config, config_help
+    from loralab.config.kohya import parse_command_line
 
     if args.help:
         print(TRAIN_USAGE)
         print(config_help())
         return 0
-    overrides = _parse_overrides(extra)
+    overrides = parse_command_line(extra)
     cfg = build_config(args.config, overrides)
     from loralab.recipes.lora import train
 

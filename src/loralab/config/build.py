@@ -4,7 +4,6 @@ to its key's type, then the checks that need no model."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import tomllib
 from dataclasses import fields
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.config.fields import TrainConfig, parse_resolution
-from loralab.config.kohya import IGNORED_KOHYA_KEYS
+from loralab.config.kohya import ALIASES, FOREIGN, alias, foreign_key, suggest
 from loralab.errors import LoralabError
 
 log = logging.getLogger(__name__)
@@ -96,12 +95,6 @@ def _flatten(doc: dict, path: str) -> dict[str, Any]:
     return flat
 
 
-def _unknown_key_error(key: str, source: str, known: dict[str, Any]) -> LoralabError:
-    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(close)}?" if close else " `loralab train --help` lists every key."
-    return LoralabError(f"{source}: unknown key {key!r}.{hint}")
-
-
 def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                  config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """TOML file, then command-line overrides (CLI > TOML > default); validated.
@@ -122,19 +115,44 @@ def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] 
             values[key] = (value, str(p))
     for key, value in (overrides or {}).items():
         values[key] = (value, "command line")
-    kwargs: dict[str, Any] = {}
-    for key, (value, source) in values.items():
-        if key in IGNORED_KOHYA_KEYS:
-            log.info("config key %s is ignored: %s", key, IGNORED_KOHYA_KEYS[key])
-            continue
-        if key not in known:
-            raise _unknown_key_error(key, source, known)
-        kwargs[key] = _coerce(key, value, source, known)
+    kwargs, problems = config_values(values, known)
     cfg = config_class(**kwargs)
-    validate(cfg)
+    reported = {m.split(" ", 1)[0].rstrip(":") for m in problems}
+    problems += [m for m in config_problems(cfg) if m.split(":", 1)[0] not in reported]
+    raise_problems(problems)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def config_values(values: dict[str, tuple[Any, str]], known: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """{key: (value, source)} -> (the loralab keys' converted values, the problems): aliases resolved, kohya
+    keys without effect noted (`config/kohya.py`), unknown keys and bad values collected, none raised."""
+    kwargs: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, (value, source) in values.items():
+        if key in ALIASES:
+            resolved = alias(key, value)
+            if resolved is None:
+                continue
+            log.info("%s (%s) is read as %s", key, source, resolved[0])
+            key, value = resolved
+        if key in FOREIGN and key not in known:
+            kind, text = foreign_key(key, value)
+            if kind == "problem":
+                problems.append(f"{text} ({source})")
+            else:
+                log.info("%s (%s): no effect in loralab: %s", key, source, text)
+            continue
+        if key not in known:
+            hint = suggest(key, list(known)) or " `loralab train --help` lists every key."
+            problems.append(f"{key}: unknown key ({source}).{hint}")
+            continue
+        try:
+            kwargs[key] = _coerce(key, value, source, known)
+        except LoralabError as e:
+            problems.append(str(e))
+    return kwargs, problems
 
 
 # Keys being implemented: only their default value is accepted until then.
