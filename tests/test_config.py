@@ -163,3 +163,25 @@ def test_kohya_keys_without_effect_aliases_and_off_values_load(tmp_path, paths, 
                               ("huggingface_repo_id", "me/lora", "does not upload")]:
         with pytest.raises(LoralabError, match=words):
             build_config(cfg, {key: value})
+
+
+def test_dry_run_prints_keys_with_sources_dataset_and_family_and_loads_nothing(tmp_path, tiny_sd1_checkpoint):
+    from test_train import make_dataset
+
+    img, reg = make_dataset(tmp_path)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'pretrained_model_name_or_path = "{tiny_sd1_checkpoint}"\ntrain_data_dir = "{img}"\n'
+                   f'reg_data_dir = "{reg}"\nresolution = 64\nmax_train_epochs = 3\noutput_dir = "{tmp_path / "out"}"\n')
+    r = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--config", str(cfg), "--dry-run",
+                        "--network_dim", "8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert f"    max_train_epochs                   = 3  [{cfg}]" in out
+    assert "    network_dim                        = 8  [command line]" in out
+    assert "    learning_rate                      = 0.0001  [default]" in out
+    assert f"  {img}/3_alpha: 3 images x 3 repeats (train, class tokens 'alpha')" in out
+    assert f"  {reg}/1_thing: 4 images x 1 repeats (reg, class tokens 'thing')" in out
+    assert "batch size 1, 26 batches per epoch, 26 steps per epoch, 3 epochs, 78 steps" in out
+    assert f"model: {tiny_sd1_checkpoint}: SD 1.x (weights not loaded)" in out
+    assert "SD 1.x checkpoint:" not in r.stderr  # the loader's line: no weights were read
+    assert not (tmp_path / "out").exists()

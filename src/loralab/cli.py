@@ -25,7 +25,13 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(config_help())
         return 0
     overrides = parse_command_line(extra)
-    cfg = build_config(args.config, overrides)
+    sources: dict[str, str] = {}
+    cfg = build_config(args.config, overrides, sources=sources)
+    if args.dry_run:
+        from loralab.train.dry_run import dry_run
+
+        print(dry_run(cfg, sources))
+        return 0
     from loralab.recipes.lora import train
 
     result = train(cfg)
@@ -234,10 +240,12 @@ def _add_analysis_parsers(sub) -> None:
     v.set_defaults(func=cmd_vae_check)
 
 
-TRAIN_USAGE = """usage: loralab train --config run.toml [--key value ...]
+TRAIN_USAGE = """usage: loralab train --config run.toml [--key value ...] [--dry-run]
 
 Train a LoRA. The TOML keys are kohya-ss sd-scripts argument names; any key can also be given on the
 command line (command line > TOML > default). Unknown keys and bad values are rejected before any model loads.
+--dry-run checks the config and the dataset and prints every key with its source, the dataset's images,
+repeats, buckets and steps, and the model family, without loading weights or writing anything.
 
 keys (default, meaning):"""
 
@@ -354,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", add_help=False, help="train a LoRA from a kohya-style TOML config")
     t.add_argument("--config", "--config_file", dest="config", help="TOML config with kohya argument names")
     t.add_argument("-h", "--help", action="store_true")
+    t.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="check the config and the dataset, print what the run would do, load nothing")
     t.set_defaults(func=cmd_train)
     d = sub.add_parser("demo", help="teach the lab model a new shape: dataset, reg images, training, grids, report")
     d.add_argument("--out", default="loralab_demo", help="output folder (default: loralab_demo)")

@@ -96,8 +96,11 @@ def _flatten(doc: dict, path: str) -> dict[str, Any]:
 
 
 def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                 config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
+                 config_class: type[TrainConfig] = TrainConfig, sources: dict[str, str] | None = None) -> TrainConfig:
     """TOML file, then command-line overrides (CLI > TOML > default); validated.
+
+    `sources`, when given, receives where each value that is not a default came from (the file's path or
+    "command line"), for `--dry-run`.
 
     `config_class`: a recipe's own config (a TrainConfig subclass whose extra fields are that method's
     keys, still flat kohya-style keys for the user; its `validate()` method, if any, checks them)."""
@@ -115,7 +118,7 @@ def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] 
             values[key] = (value, str(p))
     for key, value in (overrides or {}).items():
         values[key] = (value, "command line")
-    kwargs, problems = config_values(values, known)
+    kwargs, problems = config_values(values, known, sources)
     cfg = config_class(**kwargs)
     reported = {m.split(" ", 1)[0].rstrip(":") for m in problems}
     problems += [m for m in config_problems(cfg) if m.split(":", 1)[0] not in reported]
@@ -125,7 +128,8 @@ def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] 
     return cfg
 
 
-def config_values(values: dict[str, tuple[Any, str]], known: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def config_values(values: dict[str, tuple[Any, str]], known: dict[str, Any],
+                  sources: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """{key: (value, source)} -> (the loralab keys' converted values, the problems): aliases resolved, kohya
     keys without effect noted (`config/kohya.py`), unknown keys and bad values collected, none raised."""
     kwargs: dict[str, Any] = {}
