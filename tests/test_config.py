@@ -185,3 +185,29 @@ def test_dry_run_prints_keys_with_sources_dataset_and_family_and_loads_nothing(t
     assert f"model: {tiny_sd1_checkpoint}: SD 1.x (weights not loaded)" in out
     assert "SD 1.x checkpoint:" not in r.stderr  # the loader's line: no weights were read
     assert not (tmp_path / "out").exists()
+
+
+def test_config_import_writes_the_loralab_toml_and_says_what_it_did(tmp_path, paths):
+    model, data = paths
+    src = tmp_path / "kohya.toml"
+    src.write_text(f'[model_arguments]\npretrained_model_name_or_path = "{model}"\n'
+                   f'[dataset_arguments]\ntrain_data_dir = "{data}"\ncaption_extention = ".caption"\n'
+                   'resolution = "768,512"\n[training_arguments]\noutput_name = "my-lora"\nxformers = true\n'
+                   'max_train_epochs = 10\nuse_8bit_adam = true\nlog_with = "wandb"\n'
+                   '[network_arguments]\nnetwork_dim = 32\nnetwork_args = ["conv_dim=4", "conv_alpha=1"]\n')
+    out = tmp_path / "run.toml"
+    r = subprocess.run([sys.executable, "-m", "loralab.cli", "config", "import", str(src), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2  # one key could not be imported: said, and the file is still written
+    assert "  - caption_extention: read as caption_extension = '.caption'" in r.stdout
+    assert "  - use_8bit_adam: read as optimizer_type = 'AdamW8bit'" in r.stdout
+    assert "  - xformers: no effect in loralab: attention uses torch SDPA" in r.stdout
+    assert "not imported (fix these):\n  - log_with = 'wandb': Weights & Biases logging is not supported" in r.stdout
+    assert f"wrote {out} (fix the keys under 'not imported' before training)" in r.stdout
+    cfg = build_config(out)  # the written file loads as it is, with the kohya file's values
+    assert (cfg.caption_extension, cfg.resolution, cfg.output_name, cfg.max_train_epochs, cfg.optimizer_type,
+            cfg.network_dim, cfg.network_args) == (".caption", "768,512", "my-lora", 10, "AdamW8bit", 32,
+                                                   ["conv_dim=4", "conv_alpha=1"])
+    again = subprocess.run([sys.executable, "-m", "loralab.cli", "config", "import", str(src), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and f"error: config import: {out} exists" in again.stderr

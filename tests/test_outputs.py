@@ -88,11 +88,11 @@ def test_earlier_run_files_rule(tmp_path):
     from loralab.train.run import earlier_run_files
 
     names = ["lora.safetensors", "lora-000003.safetensors", "lora-step00000040.safetensors", "lora-000003-state",
-             "lora-state", "lora-interrupted-state", "lora-v2.safetensors", "lora-v2-000001.safetensors",
-             "lorax.safetensors", "train_log.jsonl", "sample"]
+             "lora-state", "lora-interrupted-state", "lora.ckpt", "lora-000001.pt", "lora-v2.safetensors",
+             "lora-v2-000001.safetensors", "lorax.safetensors", "lora.txt", "train_log.jsonl", "sample"]
     for n in names:
         (tmp_path / n).mkdir() if n.endswith("state") or n == "sample" else (tmp_path / n).write_text("x")
-    assert [p.name for p in earlier_run_files(tmp_path, "lora")] == sorted(names[:6])
+    assert [p.name for p in earlier_run_files(tmp_path, "lora")] == sorted(names[:8])
     assert [p.name for p in earlier_run_files(tmp_path, "lora-v2")] == ["lora-v2-000001.safetensors",
                                                                         "lora-v2.safetensors"]
 
@@ -107,3 +107,42 @@ def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(tmp_path, tiny_
     with pytest.raises(LoralabError, match="betaz"):
         LoRARecipe().prepare(build_config(None, keys))
     assert (out / "lora.safetensors").read_text() == "the earlier run" and (out / "train_log.jsonl").exists()
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"lr_scheduler": "cosine", "lr_scheduler_args": "bogus=1"}, "lr_scheduler_args.*bogus"),
+    ({"lr_scheduler": "cosine", "lr_scheduler_args": "num_cycles"}, "lr_scheduler_args: entry 'num_cycles'"),
+    ({"lr_scheduler": "piecewise_constant"}, "step_rules"),
+    ({"lr_scheduler": "piecewise_constant", "lr_scheduler_args": "step_rules='1:x,0.1'"}, "lr_scheduler_args"),
+    ({"lr_scheduler_type": "NoSuchLR"}, "lr_scheduler_type=NoSuchLR"),
+    ({"lr_scheduler_type": "StepLR", "lr_scheduler_args": "step_size=2 gama=0.5"}, "gama"),
+    ({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": "0.6", "lr_decay_steps": "0.6"}, "lr_decay_steps"),
+    ({"lr_scheduler": "adafactor"}, "Adafactor"),
+])
+def test_scheduler_errors_come_before_the_model_loads(tmp_path, tiny_sd1_checkpoint, monkeypatch, keys, match):
+    img, _ = make_dataset(tmp_path, concepts=(("1_alpha", 1),), reg=False)
+    import loralab.models.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(loader, "load_base_model", no_load)
+    with pytest.raises(LoralabError, match=match):
+        LoRARecipe().prepare(build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", **keys)))
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"full_fp16": "true", "mixed_precision": "bf16"}, 'full_fp16: .*mixed_precision = "fp16"'),
+    ({"full_bf16": "true"}, 'full_bf16: .*mixed_precision = "bf16"'),
+    ({"full_fp16": "true", "full_bf16": "true", "mixed_precision": "fp16"}, "choose at most one"),
+    ({"lr_scheduler_type": "StepLR", "lr_warmup_steps": "10"}, "lr_scheduler_type: a scheduler class gets no warmup"),
+    ({"save_last_n_steps": "-1"}, "save_last_n_steps: must be 0 or more"),
+    ({"lr_scheduler_min_lr_ratio": "1.5"}, "lr_scheduler_min_lr_ratio"),
+    ({"save_model_as": "bin"}, "save_model_as.*safetensors, ckpt, pt"),
+    ({"text_encoder_lr": "1e-4,2e-4,3e-4"}, "text_encoder_lr.*two"),
+    ({"text_encoder_lr": "1e-4 -2e-4"}, "text_encoder_lr.*0 or more"),
+])
+def test_config_refuses_bad_precision_scheduler_and_save_keys(tmp_path, tiny_sd1_checkpoint, keys, match):
+    img, _ = make_dataset(tmp_path, concepts=(("1_alpha", 1),), reg=False)
+    with pytest.raises(LoralabError, match=match):
+        build_config(None, base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", **keys))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from loralab.errors import LoralabError
 
@@ -89,11 +90,33 @@ def cmd_dataset_check(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.batch_size < 1:
         raise LoralabError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.dataset_config:
+        return _check_dataset_config(args)
+    if not args.dir:
+        raise LoralabError("dataset check: give DIR (a train_data_dir) or --dataset-config FILE")
     report = check_dataset(args.dir, args.reg, settings=_bucket_settings(args),
                            caption_extension=args.caption_extension, max_tokens=args.max_token_length,
                            progress=not args.json)
     print(report.to_json() if args.json else render_report(report))
     return 1 if report.has_errors else 0
+
+
+def _check_dataset_config(args: argparse.Namespace) -> int:
+    """`dataset check --dataset-config FILE`: one report per [[datasets]]; the bucket options given on the
+    command line stand for the training config's (the fallback of keys the file leaves out)."""
+    from loralab.analyze.dataset_check import check_dataset_config, render_report
+
+    if args.dir:
+        raise LoralabError("dataset check: give DIR or --dataset-config FILE, not both")
+    defaults = {"caption_extension": args.caption_extension, "train_batch_size": args.batch_size,
+                "resolution": args.resolution, "enable_bucket": args.enable_bucket,
+                "min_bucket_reso": args.min_bucket_reso, "max_bucket_reso": args.max_bucket_reso,
+                "bucket_reso_steps": args.bucket_reso_steps, "bucket_no_upscale": args.bucket_no_upscale}
+    reports = check_dataset_config(args.dataset_config, defaults=defaults, max_tokens=args.max_token_length,
+                                   progress=not args.json)
+    print("[" + ",".join(r.to_json() for r in reports) + "]" if args.json else
+          "\n\n".join(f"[[datasets]] #{i}\n{render_report(r)}" for i, r in enumerate(reports, 1)))
+    return 1 if any(r.has_errors for r in reports) else 0
 
 
 def cmd_dataset_tags(args: argparse.Namespace, extra: list[str]) -> int:
@@ -178,8 +201,9 @@ def _add_dataset_parsers(sub) -> None:
     c = dsub.add_parser("check", help="find image, caption and bucket problems",
                         description="Check a train_data_dir (<repeats>_<name>/ folders): images, captions, "
                                     "activation tags, buckets and batches. Exit status 1 when an error is found.")
-    c.add_argument("dir", help="train_data_dir")
+    c.add_argument("dir", nargs="?", help="train_data_dir")
     c.add_argument("--reg", help="reg_data_dir")
+    c.add_argument("--dataset-config", help="an sd-scripts dataset_config TOML instead of DIR: one report per [[datasets]]")
     _add_bucket_args(c)
     _caption_arg(c)
     c.add_argument("--max-token-length", type=int, default=75, help="kohya max_token_length (75, 150 or 225)")
@@ -333,6 +357,37 @@ def _lab_judge(folder, opts):
     return lab_judge(folder, opts.name, device=opts.device or "cpu")
 
 
+def cmd_config_import(args: argparse.Namespace, extra: list[str]) -> int:
+    from loralab.config.convert import read_kohya_config, to_toml
+    from loralab.io import atomic_write_bytes
+
+    imported = read_kohya_config(args.file)
+    text = to_toml(imported)
+    if args.out:
+        out = Path(args.out)
+        if out.exists():
+            raise LoralabError(f"config import: {out} exists; choose another --out or remove it")
+        atomic_write_bytes(out, text.encode("utf-8"))
+        print(imported.report())
+        print(f"wrote {out}" + (" (fix the keys under 'not imported' before training)" if imported.problems else ""))
+    else:
+        print(text, end="")
+        print(imported.report(), file=sys.stderr)
+    if imported.prompt_text:
+        print("the config's sample prompts are text, not a file: save them in a file and set sample_prompts to it:\n"
+              + imported.prompt_text, file=sys.stderr)
+    return 2 if imported.problems else 0
+
+
+def _add_config_parser(sub) -> None:
+    c = sub.add_parser("config", help="kohya configs: import a sd-scripts TOML or kohya_ss GUI JSON")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    i = csub.add_parser("import", help="write the loralab TOML of a kohya config and say what was mapped or dropped")
+    i.add_argument("file", help="sd-scripts TOML or kohya_ss GUI JSON")
+    i.add_argument("--out", help="the loralab TOML to write (default: print it)")
+    i.set_defaults(func=cmd_config_import)
+
+
 def _add_review_parser(sub) -> None:
     r = sub.add_parser("review", help="judge a run's epochs: loss graph, sample grid, weight sweep, memorisation, "
                                       "recommended epoch and overfitting alarm",
@@ -372,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     _add_generate_parser(sub)
     _add_review_parser(sub)
+    _add_config_parser(sub)
     _add_analysis_parsers(sub)
     return p
 

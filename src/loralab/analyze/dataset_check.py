@@ -47,9 +47,10 @@ import contextlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -78,7 +79,7 @@ from loralab.analyze.image_facts import (
     is_grayscale,
     phash,
 )
-from loralab.analyze.scan import ScannedDataset, ScannedImage, scan_dataset
+from loralab.analyze.scan import ScannedDataset, ScannedImage, scan_dataset, scan_subsets
 from loralab.data.buckets import BucketCandidates, BucketChoice
 from loralab.data.dataset import FolderDataset, caption_path
 from loralab.data.images import (
@@ -95,7 +96,7 @@ __all__ = [
     # own
     "DHASH_NEAR", "GRAY_TAGS", "HEAVY_CROP_SHARE", "MAX_TOKENS", "PHASH_NEAR", "activation_problems",
     "backup_notes", "caption_encodings", "caption_file_problem", "check_batches", "check_captions", "check_dataset",
-    "check_images", "concept_summaries", "cut_tags", "decode_images", "epoch_dataset", "exact_duplicates",
+    "check_dataset_config", "check_images", "check_scanned", "concept_summaries", "cut_tags", "decode_images", "epoch_dataset", "exact_duplicates",
     "image_summaries", "image_warnings", "link_problems", "near_duplicates", "several_activation_tags",
     "suggest_batch_size", "tag_problems",
     # re-exported
@@ -312,11 +313,11 @@ def check_captions(ds: ScannedDataset, activations: Activations, encodings: Sequ
     else `tag_problems` and `activation_problems`. `encodings`: `caption_encodings` of `ds.images`."""
     problems: list[Problem] = []
     for im, encoding in zip(ds.images, encodings):
-        file_problem = caption_file_problem(im, ds.caption_extension)
+        file_problem = caption_file_problem(im, ds.extension_of(im.subset))
         if file_problem is not None:
             problems.append(file_problem)
             continue
-        problems += tag_problems(im, encoding, ds.caption_extension, max_tokens)
+        problems += tag_problems(im, encoding, ds.extension_of(im.subset), max_tokens)
         problems += activation_problems(im, ds, activations)
     return problems
 
@@ -367,7 +368,7 @@ def activation_problems(im: ScannedImage, ds: ScannedDataset, activations: Activ
     """A reg caption: activation_in_reg for each train concept's activation tag it holds. A train caption:
     activation_missing, or activation_not_first, for its concept's activation tag."""
     concept = im.subset.name
-    file = caption_path(im.path, ds.caption_extension)
+    file = caption_path(im.path, ds.extension_of(im.subset))
     tags = im.tags
     if im.subset.is_reg:
         return [problem("warning", "activation_in_reg", file,
@@ -517,8 +518,29 @@ def check_dataset(
     Problems are listed errors first, then warnings, then notes; within a level, in the order the checks
     find them (empty folders, images, duplicates, captions, activation tags, batches).
     """
-    settings = settings or BucketSettings()
     ds = scan_dataset(train_dir, reg_dir, caption_extension=caption_extension)
+    return check_scanned(ds, settings or BucketSettings(), max_tokens=max_tokens, workers=workers, progress=progress)
+
+
+def check_dataset_config(path: str | Path, *, defaults: Mapping[str, Any] | None = None, max_tokens: int = MAX_TOKENS,
+                         workers: int | None = None, progress: bool = True) -> list[CheckReport]:
+    """`dataset check` of an sd-scripts dataset_config: one report per [[datasets]], with that dataset's
+    resolution, batch size and buckets, and each subset's folder, repeats, class tokens and caption extension
+    as training resolves them (`defaults`: the training config's values, the fallback after [general])."""
+    from loralab.data.dataset_config import dataset_config_subsets
+
+    reports = []
+    for spec, folders in dataset_config_subsets(path, defaults):
+        root = Path(os.path.commonpath([str(s.dir.resolve()) for s, _ in folders])) if folders else Path(path)
+        ds = scan_subsets(folders, root)
+        reports.append(check_scanned(ds, BucketSettings(**spec.bucket_options()), max_tokens=max_tokens,
+                                     workers=workers, progress=progress))
+    return reports
+
+
+def check_scanned(ds: ScannedDataset, settings: BucketSettings, *, max_tokens: int = MAX_TOKENS,
+                  workers: int | None = None, progress: bool = True) -> CheckReport:
+    """The checks of `check_dataset` on a scanned dataset."""
     problems = [problem("warning", "empty_folder", folder,
                         "the folder has no images (.png .jpg .jpeg .webp .bmp); it is ignored")
                 for folder in ds.empty_folders]

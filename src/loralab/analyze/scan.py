@@ -96,9 +96,14 @@ class ScannedDataset:
     empty_folders: list[Path] = field(default_factory=list)
     links: list[tuple[Path, str, str]] = field(default_factory=list)  # `unusable_links`: (path, code, words)
     backups: list[EditBackup] = field(default_factory=list)  # `edit_backups` of the roots
+    caption_extensions: dict[int, str] = field(default_factory=dict)  # id(subset) -> its own (dataset_config)
 
     def images_of(self, subset: Subset) -> list[ScannedImage]:
         return [im for im in self.images if im.subset is subset]
+
+    def extension_of(self, subset: Subset) -> str:
+        """The caption extension of a subset: its own in a dataset_config, else the dataset's."""
+        return self.caption_extensions.get(id(subset), self.caption_extension)
 
     @property
     def train_subsets(self) -> list[Subset]:
@@ -170,13 +175,7 @@ def scan_dataset(
         subsets_of_root = scan_root(root, key, is_reg)
         links += unusable_links(root)
         for subset in subsets_of_root:
-            links += unusable_links(subset.dir, IMAGE_EXTENSIONS + (caption_extension.lower(),))
-            paths = list_images(subset.dir)
-            if not paths:
-                empty.append(subset.dir)
-                continue
-            images += [scan_image(path, subset, caption_extension) for path in paths]
-            subsets.append(subset)
+            _scan_folder(subset, caption_extension, subsets, images, empty, links)
     if not any(not s.is_reg for s in subsets):
         raise LoralabError(
             f"train_data_dir: no images in the concept folders of {train_dir}; put .png/.jpg/.jpeg/.webp/.bmp files "
@@ -185,3 +184,34 @@ def scan_dataset(
     reg_path = Path(reg_dir) if reg_dir else None
     return ScannedDataset(Path(train_dir), reg_path, caption_extension, subsets, images, empty, links,
                           edit_backups([root for root, _key, _reg in roots]))
+
+
+def _scan_folder(subset: Subset, caption_extension: str, subsets: list[Subset], images: list[ScannedImage],
+                 empty: list[Path], links: list[tuple[Path, str, str]]) -> None:
+    """One concept folder: its unusable links, its images (`scan_image`); an empty folder is noted instead."""
+    links.extend(unusable_links(subset.dir, IMAGE_EXTENSIONS + (caption_extension.lower(),)))
+    paths = list_images(subset.dir)
+    if not paths:
+        empty.append(subset.dir)
+        return
+    images.extend(scan_image(path, subset, caption_extension) for path in paths)
+    subsets.append(subset)
+
+
+def scan_subsets(folders: list[tuple[Subset, str]], root: Path) -> ScannedDataset:
+    """Scan given image folders, each with its caption extension, as `scan_dataset` scans the folders of a
+    root: the [[datasets.subsets]] of one [[datasets]] of a dataset_config (`data.dataset_config.
+    dataset_config_subsets`). `root` names the dataset in reports (paths are shown relative to it)."""
+    subsets: list[Subset] = []
+    images: list[ScannedImage] = []
+    empty: list[Path] = []
+    links: list[tuple[Path, str, str]] = []
+    extensions: dict[int, str] = {}
+    for subset, caption_extension in folders:
+        extensions[id(subset)] = _normalise_extension(caption_extension)
+        _scan_folder(subset, extensions[id(subset)], subsets, images, empty, links)
+    if not any(not s.is_reg for s in subsets):
+        raise LoralabError(f"{root}: no images in the training subsets ({', '.join(str(s.dir) for s, _ in folders)}); "
+                           "put .png/.jpg/.jpeg/.webp/.bmp files in them")
+    first = extensions[id(folders[0][0])]
+    return ScannedDataset(root, None, first, subsets, images, empty, links, [], extensions)

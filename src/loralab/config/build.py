@@ -30,9 +30,11 @@ def _coerce(name: str, value: Any, source: str, known: dict[str, Any]) -> Any:
         if name == "resolution":
             w, h = parse_resolution(value)
             return f"{w},{h}"
-        if name == "lr_warmup_steps":
+        if name in ("lr_warmup_steps", "lr_decay_steps"):  # both kohya int_or_float: steps, a ratio < 1 or 'N%'
             return _parse_warmup(value)
-        if name in ("unet_lr", "text_encoder_lr") and isinstance(value, list):
+        if name == "text_encoder_lr":
+            return _parse_text_encoder_lr(value)
+        if name == "unet_lr" and isinstance(value, list):
             value = value[0] if value else -1.0
         if isinstance(default, bool):
             if isinstance(value, bool):
@@ -69,6 +71,27 @@ def _coerce(name: str, value: Any, source: str, known: dict[str, Any]) -> Any:
     return value
 
 
+def _parse_text_encoder_lr(value: Any) -> float | list[float]:
+    """text_encoder_lr: one number (-1 = learning_rate), or kohya's list form, one value per text encoder
+    (TOML [1e-5, 2e-5], command line `--text_encoder_lr 1e-5 2e-5`, or "1e-5,2e-5"). An empty list is
+    unset (-1), one value is that number, two values stay a list (each >= 0)."""
+    if isinstance(value, str):
+        value = value.replace(",", " ").split() if value.strip() else []
+        value = value[0] if len(value) == 1 else value
+    if not isinstance(value, (list, tuple)):
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return float(value)
+    if any(isinstance(v, bool) for v in value):
+        raise ValueError("expected numbers")
+    lrs = [float(v) for v in value]
+    if len(lrs) > 2:
+        raise ValueError("expected one value, or two: one per SDXL text encoder [TE1, TE2]")
+    if any(v < 0 for v in lrs):
+        raise ValueError("each value of the list must be 0 or more (0 = that text encoder is not trained)")
+    return lrs[0] if len(lrs) == 1 else -1.0 if not lrs else lrs
+
+
 def _parse_warmup(value: Any) -> float:
     """lr_warmup_steps: an integer step count, a fraction < 1 of all steps, or 'N%'."""
     if isinstance(value, str):
@@ -97,7 +120,8 @@ def _flatten(doc: dict, path: str) -> dict[str, Any]:
 
 def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                  config_class: type[TrainConfig] = TrainConfig, sources: dict[str, str] | None = None) -> TrainConfig:
-    """TOML file, then command-line overrides (CLI > TOML > default); validated.
+    """TOML file (or a kohya_ss GUI JSON: `config/gui.py`), then command-line overrides (CLI > file >
+    default); validated.
 
     `sources`, when given, receives where each value that is not a default came from (the file's path or
     "command line"), for `--dry-run`.
@@ -106,7 +130,16 @@ def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] 
     keys, still flat kohya-style keys for the user; its `validate()` method, if any, checks them)."""
     known = _fields(config_class)
     values: dict[str, Any] = {}
-    if toml_path:
+    problems: list[str] = []
+    if toml_path and Path(toml_path).suffix.lower() == ".json":  # a kohya_ss GUI config (config/gui.py)
+        from loralab.config.gui import read_gui_config
+
+        conversion = read_gui_config(toml_path)
+        problems += conversion.problems
+        values = {key: (value, str(toml_path)) for key, value in conversion.keys.items()}
+        if conversion.prompt_text:  # the GUI keeps prompt text, not a file: a file of it (outside the user's folders)
+            values["sample_prompts"] = (str(gui_prompt_file(conversion.prompt_text)), f"{toml_path}, its sample prompts")
+    elif toml_path:
         p = Path(toml_path)
         try:
             doc = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -118,35 +151,73 @@ def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] 
             values[key] = (value, str(p))
     for key, value in (overrides or {}).items():
         values[key] = (value, "command line")
-    kwargs, problems = config_values(values, known, sources)
+    kwargs, key_problems = config_values(values, known, sources)
+    problems += key_problems
     cfg = config_class(**kwargs)
     reported = {m.split(" ", 1)[0].rstrip(":") for m in problems}
     problems += [m for m in config_problems(cfg) if m.split(":", 1)[0] not in reported]
+    if toml_path and Path(toml_path).suffix.lower() == ".json":
+        problems += family_problems(cfg, conversion.expected_family, str(toml_path))
     raise_problems(problems)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 
 
-def config_values(values: dict[str, tuple[Any, str]], known: dict[str, Any],
-                  sources: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
+def gui_prompt_file(text: str) -> Path:
+    """A GUI config's sample prompt text as a file in the temp folder (named by its content), so the run
+    reads it as a prompt file without writing into the user's folders (`--dry-run` writes nothing there)."""
+    import hashlib
+    import tempfile
+
+    from loralab.io import atomic_write_bytes
+
+    path = Path(tempfile.gettempdir()) / "loralab_gui_prompts" / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.txt"
+    if not path.is_file():
+        atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def family_problems(cfg: TrainConfig, expected: str, source: str) -> list[str]:
+    """A GUI config's sdxl / v2 checkboxes against the family read from the model's key names."""
+    from loralab.models.loader import peek_family
+
+    names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+    found = peek_family(cfg.pretrained_model_name_or_path) if Path(cfg.pretrained_model_name_or_path).exists() else None
+    if found is None or found == expected:
+        return []
+    return [f"sdxl / v2 ({source}): the GUI config is for {names[expected]}, but {cfg.pretrained_model_name_or_path} "
+            f"is {names[found]}; fix the checkboxes or pick the model the config was made for"]
+
+
+def config_values(values: dict[str, tuple[Any, str]], known: dict[str, Any], sources: dict[str, str] | None = None,
+                  notes: list[tuple[str, str, str]] | None = None) -> tuple[dict[str, Any], list[str]]:
     """{key: (value, source)} -> (the loralab keys' converted values, the problems): aliases resolved, kohya
-    keys without effect noted (`config/kohya.py`), unknown keys and bad values collected, none raised."""
+    keys without effect noted (`config/kohya.py`), unknown keys and bad values collected, none raised.
+    `notes` (when given) receives (key, source, what happened) for each alias and key without effect;
+    without it they are logged."""
     kwargs: dict[str, Any] = {}
     problems: list[str] = []
+
+    def note(key: str, source: str, text: str) -> None:
+        if notes is None:
+            log.info("%s (%s): %s", key, source, text)
+        else:
+            notes.append((key, source, text))
+
     for key, (value, source) in values.items():
         if key in ALIASES:
             resolved = alias(key, value)
             if resolved is None:
                 continue
-            log.info("%s (%s) is read as %s", key, source, resolved[0])
+            note(key, source, f"read as {resolved[0]} = {resolved[1]!r}")
             key, value = resolved
         if key in FOREIGN and key not in known:
             kind, text = foreign_key(key, value)
             if kind == "problem":
                 problems.append(f"{text} ({source})")
             else:
-                log.info("%s (%s): no effect in loralab: %s", key, source, text)
+                note(key, source, f"no effect in loralab: {text}")
             continue
         if key not in known:
             hint = suggest(key, list(known)) or " `loralab train --help` lists every key."
@@ -156,15 +227,14 @@ def config_values(values: dict[str, tuple[Any, str]], known: dict[str, Any],
             kwargs[key] = _coerce(key, value, source, known)
         except LoralabError as e:
             problems.append(str(e))
+            continue
+        if sources is not None:
+            sources[key] = source
     return kwargs, problems
 
 
 # Keys being implemented: only their default value is accepted until then.
-NOT_YET = {"color_aug": False, "random_crop": False, "dataset_config": "", "loss_type": "l2", "zero_terminal_snr": False,
-           "debiased_estimation_loss": False, "v_pred_like_loss": 0.0, "scale_v_pred_loss_like_noise_pred": False,
-           "full_fp16": False, "full_bf16": False, "lr_scheduler_args": [], "lr_scheduler_type": "",
-           "save_last_n_epochs": 0, "save_last_n_epochs_state": 0, "save_last_n_steps": 0,
-           "save_last_n_steps_state": 0, "weighted_captions": False}
+NOT_YET = {"color_aug": False, "random_crop": False}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -196,7 +266,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         bad("pretrained_model_name_or_path: missing; give the base model file or folder")
     if not Path(cfg.pretrained_model_name_or_path).exists():
         bad(f"pretrained_model_name_or_path: {cfg.pretrained_model_name_or_path} does not exist")
-    if not cfg.train_data_dir:
+    if not cfg.train_data_dir and not cfg.dataset_config:
         bad("train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders")
     for key in ("train_data_dir", "reg_data_dir", "validation_data_dir", "vae", "network_weights", "sample_prompts", "resume"):
         value = getattr(cfg, key)
@@ -254,6 +324,38 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         bad("min_bucket_reso/max_bucket_reso: min must not exceed max")
     if cfg.save_every_n_epochs < 0 or cfg.save_every_n_steps < 0:
         bad("save_every_n_epochs/save_every_n_steps: must be 0 or more")
+    for key in ("huber_c", "huber_scale"):
+        if getattr(cfg, key) <= 0:
+            bad(f"{key}: must be more than 0, got {getattr(cfg, key)}")
+    if cfg.v_pred_like_loss < 0:
+        bad(f"v_pred_like_loss: must be 0 or more, got {cfg.v_pred_like_loss}")
+    if cfg.v_pred_like_loss and cfg.v_parameterization:
+        bad("v_pred_like_loss: adds a v-prediction-like term to an epsilon-prediction loss, so it cannot be used "
+            "with v_parameterization = true (kohya refuses it too); remove one of them")
+    if cfg.scale_v_pred_loss_like_noise_pred and not cfg.v_parameterization:
+        bad("scale_v_pred_loss_like_noise_pred: scales a v-prediction loss, so it needs v_parameterization = true "
+            "(kohya's rule); set it, or remove scale_v_pred_loss_like_noise_pred")
+    if cfg.full_fp16 and cfg.full_bf16:
+        bad("full_fp16/full_bf16: choose at most one")
+    for key, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
+        if getattr(cfg, key) and cfg.mixed_precision != dtype:
+            bad(f"{key}: keeps the LoRA weights and their gradients in {dtype}, so it needs mixed_precision = "
+                f'"{dtype}" (kohya\'s rule); set it, or {key} = false')
+    if cfg.lr_scheduler_type and cfg.lr_warmup_steps > 0:
+        bad("lr_scheduler_type: a scheduler class gets no warmup (kohya refuses one); set lr_warmup_steps = 0, and "
+            "give the class its own warmup through lr_scheduler_args if it has one")
+    for key in ("lr_decay_steps", "lr_scheduler_timescale", "save_last_n_epochs", "save_last_n_epochs_state",
+                "save_last_n_steps", "save_last_n_steps_state"):
+        if getattr(cfg, key) < 0:
+            bad(f"{key}: must be 0 or more, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.lr_scheduler_min_lr_ratio <= 1.0:
+        bad(f"lr_scheduler_min_lr_ratio: must be in [0, 1] (a share of the initial learning rate), got "
+            f"{cfg.lr_scheduler_min_lr_ratio}")
+    if cfg.dataset_config:  # every problem of the dataset TOML, each "dataset_config: <file>: <place>: ..."
+        from loralab.data.dataset_config import dataset_config_problems
+
+        for message in dataset_config_problems(cfg.dataset_config, dataclasses.asdict(cfg)):
+            bad(message)
     return problems
 
 

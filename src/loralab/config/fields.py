@@ -18,7 +18,8 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = ""
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "Prodigy", "DAdaptation", "DAdaptAdam",
               "DAdaptLion", "DAdaptSGD", "DAdaptAdaGrad", "DAdaptAdan", "Adafactor")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay", "piecewise_constant", "adafactor")
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
             "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 
@@ -89,7 +90,9 @@ class TrainConfig:
     stop_text_encoder_training: int = _f(0, "stop text-encoder LoRA training after this many steps (0 = never)", group="network")
     learning_rate: float = _f(1e-4, "learning rate (fallback for unet_lr / text_encoder_lr)", group="network")
     unet_lr: float = _f(-1.0, "UNet LoRA learning rate (-1 = learning_rate)", group="network")
-    text_encoder_lr: float = _f(-1.0, "text-encoder LoRA learning rate (-1 = learning_rate; 0 = UNet only)", group="network")
+    text_encoder_lr: float | list = _f(-1.0, "text-encoder LoRA learning rate (-1 = learning_rate; 0 = UNet only); two "
+                                       "values [TE1, TE2] give SDXL's text encoders their own (kohya: one value "
+                                       "serves both)", group="network")
     # --- training
     max_train_steps: int = _f(1600, "total optimizer steps (max_train_epochs overrides)", group="training")
     max_train_epochs: int = _f(0, "total epochs (0 = use max_train_steps)", group="training")
@@ -157,7 +160,8 @@ class TrainConfig:
                          "it such a run refuses to start)", group="output")
     save_every_n_epochs: int = _f(0, "save <output_name>-NNNNNN.safetensors every N epochs (0 = only at the end)", group="output")
     save_every_n_steps: int = _f(0, "save <output_name>-stepNNNNNNNN.safetensors every N steps", group="output")
-    save_model_as: str = _f("safetensors", "file format", choices=("safetensors",), group="output")
+    save_model_as: str = _f("safetensors", "file format: safetensors (with metadata), or ckpt / pt (torch.save of the "
+                            "tensors only, as kohya)", choices=("safetensors", "ckpt", "pt"), group="output")
     save_last_n_epochs: int = _f(0, "keep only the last N epoch files (0 = keep all)", group="output")
     save_last_n_epochs_state: int = _f(0, "keep only the last N epoch state folders (0 = save_last_n_epochs)",
                                        group="output")
@@ -188,8 +192,10 @@ class TrainConfig:
         return parse_resolution(self.resolution)
 
     def trains_text_encoder(self) -> bool:
-        """The text-encoder LoRA is trained: not network_train_unet_only and text_encoder_lr != 0 (kohya)."""
-        return not self.network_train_unet_only and self.text_encoder_lr != 0
+        """The text-encoder LoRA is trained: not network_train_unet_only and text_encoder_lr != 0 (kohya); with
+        one value per text encoder, any of them != 0 (0 for both = UNet only)."""
+        lrs = self.text_encoder_lr if isinstance(self.text_encoder_lr, list) else [self.text_encoder_lr]
+        return not self.network_train_unet_only and any(lr != 0 for lr in lrs)
 
     def network_options(self) -> dict[str, Any]:
         """conv_dim, conv_alpha, rank_dropout, module_dropout: network_args win over top-level keys (kohya puts them there)."""

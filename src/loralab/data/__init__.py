@@ -4,6 +4,8 @@
 - `captions`: the per-step caption pipeline (keep tokens, shuffle, dropouts, wildcards) and tag counting.
 - `images`: image sizes, loading as RGB, and the bucket resize + crop into a [-1, 1] tensor.
 - `dataset`: the `<repeats>_<name>/` folder layout, repeats, reg balancing, batches per epoch.
+- `dataset_config`: sd-scripts' dataset TOML ([general], [[datasets]], [[datasets.subsets]]): keys, precedence,
+  problems; `dataset_group`: its datasets trained together (multi-resolution), their batches and metadata.
 - `latents`: the VAE latent cache in memory and in kohya-named .npz files.
 
 Only `latents` (and `images.prepare_image`, lazily) import torch.

@@ -31,7 +31,7 @@ from loralab.data.buckets import (
     check_bucket_reso_steps,
     check_resolution,
 )
-from loralab.data.captions import split_tags
+from loralab.data.captions import CaptionOptions, split_tags
 from loralab.data.images import (
     IMAGE_EXTENSIONS,
     SKIPPED_LINK,
@@ -59,7 +59,10 @@ class ImageEntry:
 
 @dataclass(eq=False)
 class Subset:
-    """One `<repeats>_<class tokens>` folder."""
+    """One `<repeats>_<class tokens>` folder, or one `[[datasets.subsets]]` of a dataset_config.
+
+    `caption_options` and `flip_aug` are a dataset_config subset's own (its keys merged with those of its
+    dataset, [general] and the training config); None, as in a folder dataset, means the run's."""
 
     dir: Path
     name: str  # the folder's basename, the key of ss_dataset_dirs / ss_tag_frequency
@@ -67,6 +70,8 @@ class Subset:
     class_tokens: str
     is_reg: bool
     images: list[ImageEntry] = field(default_factory=list, repr=False)
+    caption_options: CaptionOptions | None = field(default=None, repr=False)
+    flip_aug: bool | None = None
 
     @property
     def img_count(self) -> int:
@@ -149,7 +154,9 @@ def _names(paths: Sequence[Path]) -> str:
     return shown + (f" ... and {len(paths) - _SHOW} more" if len(paths) > _SHOW else "")
 
 
-def _scan_subset(subset: Subset, caption_extension: str, enable_wildcard: bool, class_tokens_fallback: bool) -> None:
+def scan_subset(subset: Subset, caption_extension: str, enable_wildcard: bool, class_tokens_fallback: bool) -> None:
+    """Fill `subset.images` from its folder (see `scan_folder_dataset` for the rules); warns about images
+    without a caption file, empty caption files and unusable symlinks."""
     _warn_links(subset.dir, IMAGE_EXTENSIONS + (caption_extension.lower(),))
     paths = list_images(subset.dir)
     missing: list[Path] = []
@@ -261,7 +268,7 @@ def scan_folder_dataset(
         subsets = scan_root(root, key, is_reg)
         _warn_links(root)
         for subset in subsets:
-            _scan_subset(subset, caption_extension, enable_wildcard, class_tokens_fallback)
+            scan_subset(subset, caption_extension, enable_wildcard, class_tokens_fallback)
             if not subset.images:
                 log.warning("%s: ignoring %s: it has no images (%s)", key, subset.dir, " ".join(IMAGE_EXTENSIONS))
                 continue
@@ -428,6 +435,7 @@ class FolderDataset:
         self.resolution = resolution
         self.batch_size = batch_size
         self.enable_bucket = enable_bucket
+        self.min_bucket_reso, self.max_bucket_reso = min_bucket_reso, max_bucket_reso  # as given (for metadata)
         self.subsets = list(subsets)
 
         if enable_bucket:

@@ -53,18 +53,20 @@ def te_outputs_npz_path(image_path: Path) -> Path:
 
 
 def encoders_id(*, model_source: str | Path, model_hash: str, network_weights: str | Path | None,
-                max_token_length: int | None, dtype: torch.dtype, clip_skip: int | None = None) -> str:
+                max_token_length: int | None, dtype: torch.dtype, clip_skip: int | None = None,
+                weighted_captions: bool = False) -> str:
     """A short id of everything that changes the encoders' outputs: the base model (its sha256, or for a
     diffusers folder the names, sizes and mtimes of its text_encoder*/ files), the LoRA file of
-    `network_weights` (its sha256: its text-encoder part is applied), max_token_length, clip_skip and the
-    compute dtype."""
+    `network_weights` (its sha256: its text-encoder part is applied), max_token_length, clip_skip, the
+    compute dtype and weighted_captions (the id of an unweighted cache is the same as before that key existed)."""
     model = model_hash
     if not model:
         folder = Path(model_source)
         files = sorted(p for sub in folder.glob("text_encoder*") if sub.is_dir() for p in sub.iterdir() if p.is_file())
         model = json.dumps([[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
     lora = _file_sha256(Path(network_weights)) if network_weights else ""
-    text = json.dumps([CACHE_FORMAT, model, lora, max_token_length, clip_skip, str(dtype)])
+    parts = [CACHE_FORMAT, model, lora, max_token_length, clip_skip, str(dtype)] + (["weighted"] if weighted_captions else [])
+    text = json.dumps(parts)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

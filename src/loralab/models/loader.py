@@ -60,9 +60,24 @@ class BaseModel:
     model_hash: str  # sha256 of the file (for ss_new_sd_model_hash), "" for folders
     sample_clip: bool = True  # samplers clip the predicted x0 (kohya); off for a file marked `loralab.sample_clip: 0`
 
-    def noise_scheduler(self) -> DDPMScheduler:
+    def noise_scheduler(self, zero_terminal_snr: bool = False) -> DDPMScheduler:
         """kohya's training scheduler: DDPM, 1000 steps, scaled_linear betas 0.00085..0.012, no sample
-        clipping; prediction_type "v_prediction" for v-parameterized models (SD 2.x 768-v), else "epsilon"."""
+        clipping; prediction_type "v_prediction" for v-parameterized models (SD 2.x 768-v), else "epsilon".
+
+        zero_terminal_snr (Lin et al. 2023, Algorithm 1): the betas are rescaled so that sqrt(ᾱ_t) is
+        shifted and scaled to end at 0 and keep its first value,
+
+            sqrt(ᾱ'_t) = (sqrt(ᾱ_t) − sqrt(ᾱ_last)) · sqrt(ᾱ_0) / (sqrt(ᾱ_0) − sqrt(ᾱ_last))
+            β'_0 = 1 − ᾱ'_0,   β'_t = 1 − ᾱ'_t / ᾱ'_(t−1)
+
+        so ᾱ'_last = 0 (the last timestep is pure noise) and β'_0 = β_0. diffusers' `rescale_betas_zero_snr` computes exactly
+        kohya's fix_noise_scheduler_betas_for_zero_terminal_snr. It changes training only: kohya samples
+        with a fresh scheduler of the original betas, and so do we (`train/sampling.py` make_sampler reads
+        only the beta keys of this config). kohya warns when it is used without v-parameterization.
+        """
+        if zero_terminal_snr and not self.v_parameterization:
+            log.warning("zero_terminal_snr is on but v_parameterization is not: training will be unexpected (kohya "
+                        "warns the same); zero terminal SNR is meant for v-prediction models.")
         return DDPMScheduler(
             num_train_timesteps=1000,
             beta_start=0.00085,
@@ -70,6 +85,7 @@ class BaseModel:
             beta_schedule="scaled_linear",
             clip_sample=False,
             prediction_type="v_prediction" if self.v_parameterization else "epsilon",
+            rescale_betas_zero_snr=zero_terminal_snr,
         )
 
 

@@ -7,10 +7,15 @@ Facts from kohya-ss sd-scripts `library/strategy_base.py` (`TokenizeStrategy._ge
 The loop sees two family-independent steps: `encode_captions` gives the encoders' outputs as kohya caches
 them (what `data/text_encoder_cache.py` stores), and `unet_text_conditioning` turns those into the UNet's
 `encoder_hidden_states` and (SDXL) `added_cond_kwargs`.
+
+`weighted_captions` (A1111 attention syntax, `(tag:1.2)`): `parse_prompt_attention`, `tokenize_weighted` and
+`apply_token_weights`, after kohya's `TokenizeStrategy._get_weighted_input_ids` and
+`Sd/SdxlTextEncodingStrategy.encode_tokens_with_weights` (sd-scripts v0.10 / HEAD 48d368f).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -161,10 +166,16 @@ def encode_text_sdxl(text_encoders: Sequence[torch.nn.Module], input_ids: Sequen
 
 def encode_captions(family: str, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence[CLIPTokenizer],
                     captions: list[str], *, max_token_length: int | None = None,
-                    clip_skip: int | None = None) -> tuple[torch.Tensor, ...]:
+                    clip_skip: int | None = None, weighted: bool = False) -> tuple[torch.Tensor, ...]:
     """The text encoders' outputs for captions, as kohya caches them: `(hidden_state,)` for SD 1.x / 2.x
     (`encode_text` with clip_skip), `(hidden_state1, hidden_state2, pool2)` for SDXL (`encode_text_sdxl`;
-    the bigG tokenizer pads with id 0: formats.md §4, kohya `SdxlTokenizeStrategy`)."""
+    the bigG tokenizer pads with id 0: formats.md §4, kohya `SdxlTokenizeStrategy`).
+
+    `weighted` (kohya `--weighted_captions`): captions are read as A1111 attention syntax and each token's
+    hidden state is scaled by its weight (`encode_weighted_captions`). Without it `(tag:1.2)` is plain text."""
+    if weighted:
+        return encode_weighted_captions(family, text_encoders, tokenizers, captions,
+                                        max_token_length=max_token_length, clip_skip=clip_skip)
     if family == "sdxl":
         ids = [tokenize(tok, captions, max_token_length) for tok in tokenizers]
         return encode_text_sdxl(text_encoders, ids, tokenizers[1].eos_token_id)
@@ -180,3 +191,135 @@ def unet_text_conditioning(family: str, outputs: Sequence[torch.Tensor]) -> tupl
         hidden1, hidden2, pool2 = outputs
         return torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=2), {"text_embeds": pool2}
     return outputs[0], {}
+
+
+# ---------------------------------------------------------------------------------------------- weighted captions
+
+ROUND_BRACKET = 1.1  # (text): attention × 1.1
+SQUARE_BRACKET = 1 / 1.1  # [text]: attention × 1/1.1 (a multiplication, as in A1111 and kohya)
+
+# The pieces of A1111's attention syntax, tried in this order: an escaped bracket or backslash, a lone backslash,
+# an opening bracket, ":<number>)" (a weight that closes a round bracket), a closing bracket, a run of plain
+# text, a lone ":".
+_ATTENTION_PIECE = re.compile(r"""
+    \\[()\[\]\\] | \\
+  | \( | \[
+  | :([+-]?[.\d]+)\)
+  | \) | \]
+  | [^\\()\[\]:]+
+  | :
+""", re.VERBOSE)
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """A caption in A1111's attention syntax as (text, weight) runs (kohya `parse_prompt_attention`, same rules).
+
+    - `(x)` multiplies the weight of x by 1.1, `[x]` by 1/1.1, `(x:1.3)` by 1.3; nesting multiplies
+      (`((x))` = 1.21, `[(x:1.5)]` = 1.5/1.1). A bracket's factor applies to everything written since it opened.
+    - `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are the literal characters; a lone backslash is dropped.
+    - Unbalanced: a `(` or `[` never closed applies its factor (1.1 or 1/1.1) to the rest of the caption; a
+      `)`, `]` or `:1.2)` with nothing open to close stays as literal text.
+    - kohya stops on a malformed number such as `(x:1.2.3)` (float() raises); here `:1.2.3)` is kept as text
+      (so that `(` stays open).
+    - Neighbouring runs with equal weights are merged; an empty caption is `[("", 1.0)]`.
+    Weights are multiplied in A1111's order, so the floats are bit-identical to kohya's."""
+    runs: list[list] = []  # [text, weight]
+    open_round: list[int] = []  # index into runs where each open bracket started
+    open_square: list[int] = []
+
+    def scale_since(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for m in _ATTENTION_PIECE.finditer(text):
+        piece, number = m.group(0), m.group(1)
+        weight = _float_or_none(number) if number is not None else None
+        if piece.startswith("\\"):
+            runs.append([piece[1:], 1.0])
+        elif piece == "(":
+            open_round.append(len(runs))
+        elif piece == "[":
+            open_square.append(len(runs))
+        elif weight is not None and open_round:
+            scale_since(open_round.pop(), weight)
+        elif piece == ")" and open_round:
+            scale_since(open_round.pop(), ROUND_BRACKET)
+        elif piece == "]" and open_square:
+            scale_since(open_square.pop(), SQUARE_BRACKET)
+        else:
+            runs.append([piece, 1.0])
+    for start in open_round:
+        scale_since(start, ROUND_BRACKET)
+    for start in open_square:
+        scale_since(start, SQUARE_BRACKET)
+    merged: list[list] = []
+    for run in runs or [["", 1.0]]:
+        if merged and merged[-1][1] == run[1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(list(run))
+    return [(t, w) for t, w in merged]
+
+
+def _float_or_none(number: str) -> float | None:
+    try:
+        return float(number)
+    except ValueError:
+        return None
+
+
+def tokenize_weighted(tokenizer: CLIPTokenizer, captions: list[str],
+                      max_token_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, n*77) as `tokenize` gives them, and each token's weight (B, n*75+2, float32) aligned with
+    the joined hidden states of `encode_text`/`encode_text_sdxl` (kohya `_get_weighted_input_ids`).
+
+    Each run of `parse_prompt_attention` is tokenized on its own (no BOS/EOS) and its tokens get its weight;
+    the tokens are truncated to n*75, wrapped BOS ... EOS, padded with the tokenizer's pad id and cut into
+    kohya's chunks exactly like `tokenize`. BOS, EOS and padding weigh 1.0. A caption without attention
+    syntax gives the same ids as `tokenize` and weights of 1.0."""
+    n = num_chunks(max_token_length)
+    length = CHUNK if n == 1 else n * CHUNK_BODY + 2
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    all_ids, all_weights = [], []
+    for caption in captions:
+        runs = parse_prompt_attention(caption)
+        pieces = tokenizer([t for t, _ in runs], add_special_tokens=False, verbose=False).input_ids
+        ids = [i for piece in pieces for i in piece][: length - 2]
+        weights = [w for piece, (_, w) in zip(pieces, runs) for _ in piece][: length - 2]
+        fill = length - 2 - len(ids)
+        all_ids.append([bos, *ids, eos] + [pad] * fill)
+        all_weights.append([1.0, *weights, 1.0] + [1.0] * fill)
+    ids_t = torch.tensor(all_ids, dtype=torch.long)
+    weights_t = torch.tensor(all_weights, dtype=torch.float32)
+    if n > 1:
+        ids_t = kohya_chunks(ids_t, n, pad_id=pad, eos_id=eos).reshape(len(captions), n * CHUNK)
+    return ids_t, weights_t
+
+
+def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's hidden state times its weight: hidden'[b, t, :] = hidden[b, t, :] * w[b, t].
+
+    This is kohya's training rule today (`SdTextEncodingStrategy.encode_tokens_with_weights`,
+    `SdxlTextEncodingStrategy.encode_tokens_with_weights`, sd-scripts v0.10+): a plain product, no rescaling.
+    sd-scripts up to v0.9.1 used `get_weighted_text_embeddings` instead, which then rescaled the whole caption
+    by mean(hidden) / mean(hidden') to keep its mean; kohya no longer does that in training (its SD 1.x sample
+    images still do). Computed in float32, returned in the hidden state's dtype; weights of 1.0 change nothing."""
+    w = weights.to(device=hidden.device, dtype=torch.float32)
+    return (hidden.float() * w.unsqueeze(-1)).to(hidden.dtype)
+
+
+def encode_weighted_captions(family: str, text_encoders: Sequence[torch.nn.Module],
+                             tokenizers: Sequence[CLIPTokenizer], captions: list[str], *,
+                             max_token_length: int | None = None,
+                             clip_skip: int | None = None) -> tuple[torch.Tensor, ...]:
+    """`encode_captions` for weighted captions: the same outputs with every hidden state scaled by its token's
+    weight (`tokenize_weighted`, `apply_token_weights`); chunks and clip_skip as in the normal path.
+
+    SDXL: each encoder's tokens get their weights (hidden_state1 and hidden_state2); pool2 is not weighted
+    (kohya pools TE2's unweighted last state at the first EOS of the parsed, bracket-free text)."""
+    if family == "sdxl":
+        (ids1, w1), (ids2, w2) = (tokenize_weighted(tok, captions, max_token_length) for tok in tokenizers)
+        hidden1, hidden2, pool2 = encode_text_sdxl(text_encoders, [ids1, ids2], tokenizers[1].eos_token_id)
+        return apply_token_weights(hidden1, w1), apply_token_weights(hidden2, w2), pool2
+    ids, weights = tokenize_weighted(tokenizers[0], captions, max_token_length)
+    return (apply_token_weights(encode_text(text_encoders[0], ids, clip_skip), weights),)

@@ -134,8 +134,8 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], dtype
         md["sshs_model_hash"], md["sshs_legacy_hash"] = precalculate_safetensors_hashes(sd, md)
         atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=md))
     else:
-        if metadata:
-            log.warning("%s: metadata is only stored in .safetensors files", path)
+        if metadata:  # kohya's .ckpt / .pt LoRA is torch.save(state_dict) too, without metadata
+            log.debug("%s: metadata is only stored in .safetensors files", path)
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
 
 

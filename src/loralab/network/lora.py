@@ -34,7 +34,14 @@ from loralab.network.files import (
     unknown_keys_error,
 )
 from loralab.network.modules import LoRAModule, effective_alpha
-from loralab.network.targets import FAMILIES, PREFIX_UNET, LoRATarget, alias_map, find_lora_targets
+from loralab.network.targets import (
+    FAMILIES,
+    PREFIX_TEXT_ENCODER_SDXL,
+    PREFIX_UNET,
+    LoRATarget,
+    alias_map,
+    find_lora_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +220,7 @@ class LoRANetwork(nn.Module):
         for m in self.loras:
             m.multiplier = float(multiplier)
 
-    def param_groups(self, unet_lr: float | None = None, text_encoder_lr: float | None = None,
+    def param_groups(self, unet_lr: float | None = None, text_encoder_lr: float | Sequence[float] | None = None,
                      learning_rate: float | None = None) -> list[dict]:
         """Optimizer param groups, kohya's `prepare_optimizer_params`.
 
@@ -221,11 +228,15 @@ class LoRANetwork(nn.Module):
         falls back to `learning_rate`. A group whose lr ends up 0 or None is dropped (kohya: "NO LR
         skipping!") and its parameters get requires_grad False; those modules stay applied and saved (with
         lora_up still 0 if never trained).
+
+        `text_encoder_lr` may be a list, one value per text encoder (kohya's `--text_encoder_lr` nargs, as its
+        `prepare_optimizer_params_with_multiple_te_lrs`: one value serves both): on SDXL two different values
+        give groups "textencoder1" (lora_te1) and "textencoder2" (lora_te2) in that order, each dropped at 0;
+        equal values, or a model with one text encoder (which takes the first value), give the one group.
         """
         self.requires_grad_(True)
         groups = []
-        for name, loras, lr in (("textencoder", self.text_encoder_loras, text_encoder_lr),
-                                ("unet", self.unet_loras, unet_lr)):
+        for name, loras, lr in (*self._text_encoder_parts(text_encoder_lr), ("unet", self.unet_loras, unet_lr)):
             if not loras:
                 continue
             lr = learning_rate if lr is None else lr
@@ -236,6 +247,20 @@ class LoRANetwork(nn.Module):
                 continue
             groups.append({"params": [p for m in loras for p in m.parameters()], "lr": float(lr), "name": name})
         return groups
+
+    def _text_encoder_parts(self, lr: float | Sequence[float] | None) -> list[tuple[str, list, float | None]]:
+        """(group name, modules, lr) of the text encoders for `param_groups`."""
+        if lr is None or isinstance(lr, (int, float)):
+            return [("textencoder", self.text_encoder_loras, lr)]
+        lrs = [float(v) for v in lr] or [None]
+        per_encoder = [[m for m in self.text_encoder_loras if m.lora_name.startswith(prefix + "_")]
+                       for prefix in PREFIX_TEXT_ENCODER_SDXL]
+        if len(set(lrs)) == 1:
+            return [("textencoder", self.text_encoder_loras, lrs[0])]
+        if self.family != "sdxl":
+            log.warning("text_encoder_lr %s: this model has one text encoder; it uses the first value %s", lrs, lrs[0])
+            return [("textencoder", self.text_encoder_loras, lrs[0])]
+        return [("textencoder1", per_encoder[0], lrs[0]), ("textencoder2", per_encoder[1], lrs[1])]
 
     def max_norm(self, max_norm_value: float) -> tuple[int, float, float]:
         """max-norm (`--scale_weight_norms`), kohya's `apply_max_norm_regularization`, in place.

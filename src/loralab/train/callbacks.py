@@ -88,31 +88,102 @@ def how_to_continue(run: Run):
         raise DiskFullError(f"{e} {hint}", e.path) from e.__cause__
 
 
+def epoch_to_remove(epoch: int, save_every_n_epochs: int, keep: int) -> int | None:
+    """save_last_n_epochs (kohya `get_remove_epoch_no`): right after the save of epoch `epoch`, the epoch
+    save to delete is `epoch − save_every_n_epochs · keep`, so the last `keep` epoch saves remain (every 2,
+    keep 2: at epoch 6 epoch 2 goes; 4 and 6 stay). None when keep is 0 (keep all) or no such epoch."""
+    if keep <= 0 or save_every_n_epochs <= 0:
+        return None
+    old = epoch - save_every_n_epochs * keep
+    return old if old > 0 else None
+
+
+def step_to_remove(step: int, save_every_n_steps: int, keep_steps: int) -> int | None:
+    """save_last_n_steps (kohya `get_remove_step_no`): `keep_steps` counts steps, not files. Right after the
+    save of step `step`, the step save to delete is the multiple of save_every_n_steps at or below
+    `step − keep_steps − 1`, so the saves of the last `keep_steps` steps remain (every 10, keep 30: at step
+    50 step 10 goes; 20 to 50 stay). None when keep_steps is 0 (keep all) or no such step."""
+    if keep_steps <= 0 or save_every_n_steps <= 0:
+        return None
+    old = step - keep_steps - 1
+    old -= old % save_every_n_steps
+    return old if old > 0 else None
+
+
+def state_keep(state_value: int, files_value: int, key: str) -> tuple[int, str]:
+    """How many state saves to keep, and the key that says so: save_last_n_*_state, or when it is 0 the
+    files' save_last_n_* (kohya: the _state key overrides)."""
+    return (state_value, f"{key}_state") if state_value else (files_value, key)
+
+
+def remove_old_save(run: Run, name: str, rule: str) -> None:
+    """Delete an older save (a LoRA file or a state folder) of this run, if it is there; logged, and recorded
+    in train_log.jsonl as a "removed" event. Main process only; a file that cannot be deleted is a warning."""
+    import shutil
+
+    path = run.out_dir / name
+    if not run.is_main or not path.exists():
+        return
+    try:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    except OSError as e:
+        log.warning("%s: could not remove %s: %s", rule, path, e)
+        return
+    if path in run.saved:
+        run.saved.remove(path)
+    log.info("removed %s (%s)", path, rule)
+    run.log.event("removed", step=run.global_step, epoch=run.epoch + 1, path=path, rule=rule)
+
+
 class SaveCheckpoints(Callback):
     """kohya's save cadence: `<name>-stepNNNNNNNN` every save_every_n_steps, `<name>-NNNNNN` every
-    save_every_n_epochs (not for the last epoch: that is the final `<name>.safetensors`), each with a
-    `-state` folder when save_state; the final file (and state with save_state(_on_train_end)) at the end."""
+    save_every_n_epochs (not for the last epoch: that is the final `<name>.<save_model_as>`), each with a
+    `-state` folder when save_state; the final file (and state with save_state(_on_train_end)) at the end.
+
+    After each step or epoch save, kohya's save_last_n_* rule deletes one older save (`step_to_remove`,
+    `epoch_to_remove`): the files with save_last_n_steps / save_last_n_epochs, the state folders with
+    save_last_n_steps_state / save_last_n_epochs_state (0: the files' value). The final file and state and
+    the interrupted state are never deleted."""
+
+    def on_train_start(self, run: Run) -> None:
+        if run.cfg.save_model_as != "safetensors" and run.is_main:
+            log.info("save_model_as = %s: the LoRA files hold the tensors only (torch.save, as kohya): no ss_* "
+                     "metadata, and `loralab review` reads .safetensors files only", run.cfg.save_model_as)
 
     def on_step_end(self, run: Run) -> None:
-        cfg = run.cfg
-        if cfg.save_every_n_steps and run.global_step % cfg.save_every_n_steps == 0 and run.global_step < run.max_steps:
-            stem = f"{cfg.output_name}-step{run.global_step:08d}"
-            save_network(run, run.out_dir / f"{stem}.safetensors", run.epoch + 1)
+        cfg, step = run.cfg, run.global_step
+        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < run.max_steps:
+            stem = f"{cfg.output_name}-step{step:08d}"
+            save_network(run, run.out_dir / f"{stem}.{cfg.save_model_as}", run.epoch + 1)
             if cfg.save_state:
                 save_training_state(run, f"{stem}-state", run.epoch, run.batch_in_epoch)
+                keep, rule = state_keep(cfg.save_last_n_steps_state, cfg.save_last_n_steps, "save_last_n_steps")
+                old = step_to_remove(step, cfg.save_every_n_steps, keep)
+                if old is not None:
+                    remove_old_save(run, f"{cfg.output_name}-step{old:08d}-state", rule)
+            old = step_to_remove(step, cfg.save_every_n_steps, cfg.save_last_n_steps)
+            if old is not None:
+                remove_old_save(run, f"{cfg.output_name}-step{old:08d}.{cfg.save_model_as}", "save_last_n_steps")
 
     def on_epoch_end(self, run: Run) -> None:
         cfg, ep = run.cfg, run.epoch + 1
         if cfg.save_every_n_epochs and ep % cfg.save_every_n_epochs == 0 and not run.reached_end():
-            save_network(run, run.out_dir / f"{cfg.output_name}-{ep:06d}.safetensors", ep)
+            save_network(run, run.out_dir / f"{cfg.output_name}-{ep:06d}.{cfg.save_model_as}", ep)
+            old = epoch_to_remove(ep, cfg.save_every_n_epochs, cfg.save_last_n_epochs)
+            if old is not None:
+                remove_old_save(run, f"{cfg.output_name}-{old:06d}.{cfg.save_model_as}", "save_last_n_epochs")
             if cfg.save_state:
                 save_training_state(run, f"{cfg.output_name}-{ep:06d}-state", ep, 0)
+                keep, rule = state_keep(cfg.save_last_n_epochs_state, cfg.save_last_n_epochs, "save_last_n_epochs")
+                old = epoch_to_remove(ep, cfg.save_every_n_epochs, keep)
+                if old is not None:
+                    remove_old_save(run, f"{cfg.output_name}-{old:06d}-state", rule)
 
     def on_train_end(self, run: Run) -> None:
         cfg = run.cfg
         if run.interrupted:
             return  # not a finished run: StopOnSignal writes the state to continue it
-        run.final_file = run.out_dir / f"{cfg.output_name}.safetensors"
+        run.final_file = run.out_dir / f"{cfg.output_name}.{cfg.save_model_as}"
         save_network(run, run.final_file, run.epoch + 1)
         if cfg.save_state or cfg.save_state_on_train_end:
             save_training_state(run, f"{cfg.output_name}-state", run.epoch + 1, 0)

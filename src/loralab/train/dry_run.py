@@ -66,7 +66,8 @@ def dataset_lines(run: Run) -> list[str]:
         out.append(f"  bucket {b.resolution[0]}x{b.resolution[1]}: {b.images} images, {b.count} samples per epoch")
     if run.val_dataset is not None:
         out.append(f"  validation: {sum(1 for _ in run.val_dataset.samples)} images held out")
-    out.append(f"  batch size {cfg.train_batch_size}, {ds.num_batches_per_epoch} batches per epoch, "
+    size = "" if cfg.dataset_config else f"batch size {cfg.train_batch_size}, "  # else each [[datasets]] has its own
+    out.append(f"  {size}{ds.num_batches_per_epoch} batches per epoch, "
                f"{run.steps_per_epoch} steps per epoch, {run.num_epochs} epochs, {run.max_steps} steps")
     if run.prompts:
         out.append(f"  sample prompts: {len(run.prompts)} (from {cfg.sample_prompts})")

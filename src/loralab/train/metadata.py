@@ -47,6 +47,7 @@ class RunInfo:
     reg_dataset_dirs: dict
     bucket_info: dict | None
     network_args: dict
+    datasets: list | None = None  # ss_datasets of a dataset_config run (data/dataset_group.py datasets_metadata)
 
 
 def build_metadata(cfg: Any, run: RunInfo, *, epoch: int, step: int, final: bool) -> dict[str, str]:
@@ -71,6 +72,16 @@ def build_metadata(cfg: Any, run: RunInfo, *, epoch: int, step: int, final: bool
     return {k: str(v) for k, v in md.items() if v is not None}
 
 
+def text_encoder_lr_value(cfg: Any) -> Any:
+    """ss_text_encoder_lr: the text encoders' learning rate (learning_rate when unset); with one value per
+    text encoder, that value when they are equal, else the list, e.g. "[1e-05, 2e-05]" (kohya writes its
+    list form the same way)."""
+    lr = cfg.text_encoder_lr
+    if isinstance(lr, list):
+        return lr[0] if len(set(lr)) == 1 else lr
+    return lr if lr >= 0 else cfg.learning_rate
+
+
 def training_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
     """The `ss_*` keys of the model, network, optimizer, noise and loss settings."""
     md = {
@@ -78,7 +89,7 @@ def training_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
         "ss_training_started_at": run.started_at,
         "ss_output_name": cfg.output_name,
         "ss_learning_rate": cfg.learning_rate,
-        "ss_text_encoder_lr": cfg.text_encoder_lr if cfg.text_encoder_lr >= 0 else cfg.learning_rate,
+        "ss_text_encoder_lr": text_encoder_lr_value(cfg),
         "ss_unet_lr": cfg.unet_lr if cfg.unet_lr >= 0 else cfg.learning_rate,
         "ss_num_train_images": run.num_train_images,
         "ss_num_reg_images": run.num_reg_images,
@@ -91,7 +102,7 @@ def training_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_network_dropout": cfg.network_dropout or None,
         "ss_mixed_precision": cfg.mixed_precision,
-        "ss_full_fp16": False,
+        "ss_full_fp16": bool(cfg.full_fp16),
         "ss_fp8_base": cfg.fp8_base,
         "ss_fp8_base_unet": cfg.fp8_base,
         "ss_seed": cfg.seed,
@@ -113,9 +124,14 @@ def training_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
         "ss_min_snr_gamma": cfg.min_snr_gamma or None,
         "ss_scale_weight_norms": cfg.scale_weight_norms or None,
         "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
-        "ss_debiased_estimation": False,
-        "ss_loss_type": "l2",
-        "ss_zero_terminal_snr": False,
+        # the loss keys as kohya writes them: the huber ones whatever the loss_type, none for v_pred_like_loss
+        # or scale_v_pred_loss_like_noise_pred
+        "ss_debiased_estimation": bool(cfg.debiased_estimation_loss),
+        "ss_loss_type": cfg.loss_type,
+        "ss_huber_schedule": cfg.huber_schedule,
+        "ss_huber_scale": cfg.huber_scale,
+        "ss_huber_c": cfg.huber_c,
+        "ss_zero_terminal_snr": bool(cfg.zero_terminal_snr),
         "ss_clip_skip": cfg.clip_skip or None,
         "ss_max_token_length": cfg.max_token_length,
         "ss_sd_model_name": run.model_name,
@@ -128,7 +144,23 @@ def training_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
 
 
 def dataset_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
-    """The `ss_*` keys of the dataset: sizes, buckets, caption options, tag frequency, folders."""
+    """The `ss_*` keys of the dataset: sizes, buckets, caption options, tag frequency, folders. With a
+    dataset_config, as kohya: `ss_datasets` (each dataset's settings and subsets) and the merged tag frequency
+    and folders instead of the keys of one dataset (batch size, resolution, buckets, caption options)."""
+    if run.datasets is not None:
+        md = {"ss_cache_latents": cfg.cache_latents, "ss_datasets": json.dumps(run.datasets),
+              "ss_tag_frequency": json.dumps(run.tag_frequency), "ss_dataset_dirs": json.dumps(run.dataset_dirs)}
+    else:
+        md = folder_dataset_keys(cfg, run)
+    if cfg.validation_split or cfg.validation_data_dir:
+        md.update({"ss_validation_split": cfg.validation_split, "ss_validation_seed": cfg.validation_seed or cfg.seed})
+    if cfg.token_warmup_step:
+        md.update({"ss_token_warmup_min": cfg.token_warmup_min, "ss_token_warmup_step": cfg.token_warmup_step})
+    return md
+
+
+def folder_dataset_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
+    """The dataset keys of a train_data_dir run (one dataset)."""
     w, h = cfg.resolution_wh()
     md = {
         "ss_cache_latents": cfg.cache_latents,
@@ -149,10 +181,6 @@ def dataset_keys(cfg: Any, run: RunInfo) -> dict[str, Any]:
         "ss_dataset_dirs": json.dumps(run.dataset_dirs),
         "ss_reg_dataset_dirs": json.dumps(run.reg_dataset_dirs),
     }
-    if cfg.validation_split or cfg.validation_data_dir:
-        md.update({"ss_validation_split": cfg.validation_split, "ss_validation_seed": cfg.validation_seed or cfg.seed})
-    if cfg.token_warmup_step:
-        md.update({"ss_token_warmup_min": cfg.token_warmup_min, "ss_token_warmup_step": cfg.token_warmup_step})
     return md
 
 

@@ -3,7 +3,8 @@
 Each guide term lives in one function named after it, with its formula in the docstring:
 `noise_offset`, `pyramid_noise_like` (multires noise), `input_perturbation` (ip_noise_gamma),
 `sample_timesteps`, `training_target` (ε or v-parameterization), `compute_snr`, `min_snr_weight`,
-`prior_loss_weight`, `loss_per_sample`. `make_noisy_latents` chains the noise steps in kohya-ss
+`debiased_estimation_weight`, `v_pred_like_noise_pred_scale`, `prior_loss_weight`, `scheduled_huber_c`,
+`elementwise_loss` (loss_type), `loss_per_sample`. `make_noisy_latents` chains the noise steps in kohya-ss
 sd-scripts' order (`train_util.get_noise_noisy_latents_and_timesteps`):
 
     noise = randn_like(latents)
@@ -11,6 +12,12 @@ sd-scripts' order (`train_util.get_noise_noisy_latents_and_timesteps`):
     noise = pyramid_noise_like(noise, ...)      if multires_noise_iterations
     t     = randint(min_timestep, max_timestep)
     noisy = scheduler.add_noise(latents, noise [+ ip noise], t)   # the target stays `noise`
+
+and `loss_per_sample` the loss in kohya's order (`train_network.py` process_batch, post_process_loss):
+
+    loss = elementwise_loss(pred, target, loss_type, scheduled_huber_c(t))   # l2, l1, huber, smooth_l1
+    loss = mean_{C,H,W}(loss) · loss_weights                                 # prior_loss_weight
+    loss = loss · min_snr_weight → · scale_v_pred → + v_pred_like → · debiased_estimation_weight
 
 Every random draw takes a `torch.Generator`, so a loop that owns one generator (and saves its state
 with the training state) is exactly reproducible and resumable. With `generator=None` the global torch
@@ -22,7 +29,11 @@ These functions take plain arguments (no config object) and know nothing about t
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +41,10 @@ import torch.nn.functional as F
 from loralab.errors import LoralabError
 
 __all__ = [
+    "LossOptions",
     "compute_snr",
+    "debiased_estimation_weight",
+    "elementwise_loss",
     "input_perturbation",
     "loss_per_sample",
     "make_noisy_latents",
@@ -39,7 +53,9 @@ __all__ = [
     "prior_loss_weight",
     "pyramid_noise_like",
     "sample_timesteps",
+    "scheduled_huber_c",
     "training_target",
+    "v_pred_like_noise_pred_scale",
 ]
 
 
@@ -247,11 +263,31 @@ def compute_snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio of each timestep: snr_t = ᾱ_t / (1 − ᾱ_t).
 
     Computed as kohya does, (sqrt(ᾱ)/sqrt(1−ᾱ))², in float32 from `scheduler.alphas_cumprod`.
-    Returns a float32 tensor shaped like `timesteps`, on its device.
+    With zero_terminal_snr (a scheduler built with `rescale_betas_zero_snr`) the ᾱ are those of the same
+    schedule *before* the rescale: kohya fills its `all_snr` table (prepare_scheduler_for_custom_training)
+    before fix_noise_scheduler_betas_for_zero_terminal_snr, so its SNR loss weights (min-SNR, debiased,
+    v-pred scales) keep the original schedule. It also keeps them finite at t = T, where the rescaled
+    SNR is 0. Returns a float32 tensor shaped like `timesteps`, on its device.
     """
-    alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
+    alphas_cumprod = _alphas_cumprod_for_snr(scheduler)
     all_snr = (torch.sqrt(alphas_cumprod) / torch.sqrt(1.0 - alphas_cumprod)) ** 2
     return all_snr[timesteps.detach().to("cpu").long()].to(timesteps.device)
+
+
+def _alphas_cumprod_for_snr(scheduler) -> torch.Tensor:
+    """float32 CPU ᾱ of the scheduler, or of its schedule without the zero-terminal-SNR rescale."""
+    config = dict(getattr(scheduler, "config", None) or {})
+    if not config.get("rescale_betas_zero_snr", False):
+        return scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
+    config["rescale_betas_zero_snr"] = False
+    return _alphas_cumprod_of(type(scheduler), json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _alphas_cumprod_of(scheduler_class, config_json: str) -> torch.Tensor:
+    """ᾱ of a scheduler built from a config (cached: building one takes milliseconds)."""
+    built = scheduler_class.from_config(json.loads(config_json))
+    return built.alphas_cumprod.detach().to("cpu", torch.float32)
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool = False) -> torch.Tensor:
@@ -264,6 +300,31 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool = False) 
     return clipped / (snr + 1) if v_prediction else clipped / snr
 
 
+SNR_CAP = 1000.0  # kohya's cap of the SNR in its debiased and v-pred scales (SNR at t=0 is about 1175)
+
+
+def debiased_estimation_weight(snr: torch.Tensor, v_prediction: bool = False) -> torch.Tensor:
+    """Debiased estimation loss weight (Yu et al. 2024; kohya `apply_debiased_estimation`,
+    `--debiased_estimation_loss`), with s = min(snr, 1000):
+
+        ε-prediction: w = 1 / sqrt(s)
+        v-prediction: w = 1 / (s + 1)
+    """
+    s = torch.clamp(snr, max=SNR_CAP)
+    return 1 / (s + 1) if v_prediction else 1 / torch.sqrt(s)
+
+
+def v_pred_like_noise_pred_scale(snr: torch.Tensor) -> torch.Tensor:
+    """kohya `get_snr_scale`, with s = min(snr, 1000):  k = s / (s + 1).
+
+    For one prediction the v error is the ε error / sqrt(ᾱ), and 1/ᾱ = (snr + 1)/snr, so ε loss = k · v loss:
+    `scale_v_pred_loss_like_noise_pred` multiplies a v loss by k (it then weighs timesteps as an ε loss
+    does), and `v_pred_like_loss` = λ adds λ times the v-equivalent of an ε loss: loss + λ · loss / k.
+    """
+    s = torch.clamp(snr, max=SNR_CAP)
+    return s / (s + 1)
+
+
 def prior_loss_weight(is_reg: Sequence[bool] | torch.Tensor, weight: float) -> torch.Tensor:
     """Per-sample loss weights for DreamBooth prior preservation (kohya `--prior_loss_weight`, default 1):
 
@@ -273,6 +334,71 @@ def prior_loss_weight(is_reg: Sequence[bool] | torch.Tensor, weight: float) -> t
     return torch.where(reg, torch.tensor(float(weight)), torch.tensor(1.0))
 
 
+def scheduled_huber_c(scheduler, timesteps: torch.Tensor, huber_c: float = 0.1, schedule: str = "snr",
+                      huber_scale: float = 1.0) -> torch.Tensor:
+    """The Huber threshold c of each sample's timestep (kohya `get_huber_threshold_if_needed`,
+    `--huber_schedule`, `--huber_c`, `--huber_scale`; T = num_train_timesteps):
+
+        constant:     c_t = huber_c · huber_scale
+        exponential:  c_t = huber_scale · exp(−a·t),  a = −ln(huber_c) / T     (huber_scale at t=0, → huber_c·huber_scale)
+        snr:          c_t = (1 − huber_c) / (1 + σ_t)² + huber_c,  σ_t = sqrt((1 − ᾱ_t) / ᾱ_t)
+                      (≈ 1 at t=0 → huber_c at high noise; kohya does not apply huber_scale here)
+
+    ᾱ is the training scheduler's own (zero-terminal-SNR rescaled when that is on: σ_T = ∞, c_T = huber_c).
+    Returns a float32 tensor of shape (B,) on the timesteps' device.
+    """
+    if schedule == "constant":
+        return torch.full(timesteps.shape, huber_c * huber_scale, dtype=torch.float32, device=timesteps.device)
+    if schedule == "exponential":
+        a = -math.log(huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-a * timesteps.float()) * huber_scale
+    if schedule == "snr":
+        alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)[timesteps.detach().cpu().long()]
+        sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        return ((1 - huber_c) / (1 + sigmas) ** 2 + huber_c).to(timesteps.device)
+    raise ValueError(f"huber_schedule {schedule!r}: use constant, exponential or snr")
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                     huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of each element (kohya `conditional_loss`, reduction "none", `--loss_type`); d = pred − target,
+    c = huber_c of the sample (shape (B,), broadcast over the other dimensions):
+
+        l2:         d²                              (F.mse_loss)
+        l1:         |d|                             (F.l1_loss)
+        huber:      2c · (sqrt(d² + c²) − c)        (pseudo-Huber: ≈ d² for |d| ≪ c, ≈ 2c·|d| for |d| ≫ c)
+        smooth_l1:  2 · (sqrt(d² + c²) − c)         (the same divided by c: ≈ d²/c, then ≈ 2|d|)
+    """
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    if loss_type not in ("huber", "smooth_l1"):
+        raise ValueError(f"loss_type {loss_type!r}: use l2, l1, huber or smooth_l1")
+    if huber_c is None:
+        raise ValueError(f"loss_type {loss_type!r} needs huber_c (scheduled_huber_c)")
+    c = huber_c.to(pred.device, pred.dtype).view(-1, *([1] * (pred.ndim - 1)))
+    pseudo = torch.sqrt((pred - target) ** 2 + c**2) - c
+    return 2 * c * pseudo if loss_type == "huber" else 2 * pseudo
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss settings: kohya's arguments, the config keys of the same names (defaults: plain MSE)."""
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    huber_scale: float = 1.0
+    min_snr_gamma: float = 0.0
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float = 0.0
+    debiased_estimation_loss: bool = False
+
+    def uses_snr(self) -> bool:
+        return bool(self.min_snr_gamma or self.scale_v_pred_loss_like_noise_pred or self.v_pred_like_loss
+                    or self.debiased_estimation_loss)
+
+
 def loss_per_sample(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -280,24 +406,40 @@ def loss_per_sample(
     loss_weights: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     scheduler=None,
-    min_snr_gamma: float | None = None,
+    options: LossOptions = LossOptions(),
     v_parameterization: bool = False,
 ) -> torch.Tensor:
-    """Per-sample training loss, kohya's `process_batch` / `post_process_loss` order:
+    """Per-sample training loss, kohya's `process_batch` / `post_process_loss` order (k = v_pred_like_noise_pred_scale):
 
-        l_i = mean_{C,H,W} (pred_i − target_i)²          (in float32)
-        l_i = l_i · loss_weights_i                        (prior_loss_weight for reg images, else 1)
-        l_i = l_i · min_snr_weight(snr(t_i), γ, v_pred)   (if min_snr_gamma)
+        l_i = mean_{C,H,W} elementwise_loss(pred_i, target_i, loss_type, scheduled_huber_c(t_i))   (in float32)
+        l_i = l_i · loss_weights_i                          (prior_loss_weight for reg images, else 1)
+        l_i = l_i · min_snr_weight(snr_i, γ, v_pred)        (if min_snr_gamma)
+        l_i = l_i · k(snr_i)                                (if scale_v_pred_loss_like_noise_pred)
+        l_i = l_i + l_i / k(snr_i) · v_pred_like_loss       (if v_pred_like_loss)
+        l_i = l_i · debiased_estimation_weight(snr_i, v_pred)   (if debiased_estimation_loss)
 
-    Returns a tensor of shape (B,); the step's loss is its `.mean()`.
+    With the default options this is the plain MSE. Returns a tensor of shape (B,); the step's loss is its `.mean()`.
     """
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    huber_c = None
+    if options.loss_type in ("huber", "smooth_l1"):
+        if timesteps is None or scheduler is None:
+            raise ValueError(f"loss_type {options.loss_type!r} needs the timesteps and the noise scheduler")
+        huber_c = scheduled_huber_c(scheduler, timesteps, options.huber_c, options.huber_schedule, options.huber_scale)
+    loss = elementwise_loss(pred.float(), target.float(), options.loss_type, huber_c)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if loss_weights is not None:
         loss = loss * loss_weights.to(loss.device, loss.dtype)
-    if min_snr_gamma:
-        if timesteps is None or scheduler is None:
-            raise ValueError("min_snr_gamma needs the timesteps and the noise scheduler")
-        snr = compute_snr(scheduler, timesteps).to(loss.device)
-        loss = loss * min_snr_weight(snr, min_snr_gamma, v_parameterization)
+    if not options.uses_snr():
+        return loss
+    if timesteps is None or scheduler is None:
+        raise ValueError("the SNR loss weights need the timesteps and the noise scheduler")
+    snr = compute_snr(scheduler, timesteps).to(loss.device)
+    if options.min_snr_gamma:
+        loss = loss * min_snr_weight(snr, options.min_snr_gamma, v_parameterization)
+    if options.scale_v_pred_loss_like_noise_pred:
+        loss = loss * v_pred_like_noise_pred_scale(snr)
+    if options.v_pred_like_loss:
+        loss = loss + loss / v_pred_like_noise_pred_scale(snr) * options.v_pred_like_loss
+    if options.debiased_estimation_loss:
+        loss = loss * debiased_estimation_weight(snr, v_parameterization)
     return loss

@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedulers and the learning rates to log.
+"""Optimizers, the config's optimizer and schedule, precision helpers and the learning rates to log.
 
 kohya-ss sd-scripts compatible (`train_util.get_optimizer`, `get_scheduler_fix`), with plain arguments:
 
@@ -8,6 +8,9 @@ kohya-ss sd-scripts compatible (`train_util.get_optimizer`, `get_scheduler_fix`)
     scheduler = create_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=warmup, total_steps=total_steps, ...)
     ...
     logs.update(current_lrs(optimizer, scheduler))                     # lr/unet, lr/textencoder, lr/d*lr/...
+
+or all of it from a config: `build_optimizer(cfg, param_groups, total_steps)`. The schedules live in
+`train/schedulers.py` (re-exported here).
 
 `desc` is kohya's `ss_optimizer` metadata string, e.g. "torch.optim.adamw.AdamW(weight_decay=0.01)".
 
@@ -21,7 +24,6 @@ import ast
 import importlib
 import inspect
 import logging
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,15 +32,20 @@ from typing import Any
 import torch
 
 from loralab.errors import LoralabError
+from loralab.train.schedulers import SCHEDULERS, create_scheduler, resolve_warmup_steps
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULERS",
+    "Fp16GradScaler",
+    "build_optimizer",
     "create_optimizer",
     "create_scheduler",
     "current_lrs",
+    "half_precision",
+    "loss_scaler",
     "parse_optimizer_args",
     "resolve_warmup_steps",
 ]
@@ -335,184 +342,68 @@ def create_optimizer(
     return optimizer, description
 
 
-# ------------------------------------------------------------------------------------------- warmup
-def resolve_warmup_steps(lr_warmup_steps: int | float | str | None, total_steps: int) -> int:
-    """LR warmup length in optimizer steps, from kohya's `lr_warmup_steps` (int_or_float).
+# ----------------------------------------------------------------------------------- from the config
+def _whole(value: float | int | str) -> float | int | str:
+    """A config value such as lr_warmup_steps = 100 arrives as 100.0 (the config keeps one number type):
+    an integral value >= 1 is the step count it was written as, not kohya's "TOML float" ratio case."""
+    if isinstance(value, float) and value >= 1 and value.is_integer():
+        return int(value)
+    return value
 
-    - None → 0.
-    - int ≥ 0 → that many steps.
-    - float < 1 (e.g. 0.1) or "10%" → that fraction of `total_steps`, int(ratio · total) as kohya.
-    - a string is read like the CLI: "10%", "0.1" (ratio) or "100" (steps).
-    - float ≥ 1 with no fraction (e.g. 100.0 from a TOML file): kohya treats every TOML float as a
-      ratio (100.0 → 100 × total steps); we read it as the step count 100 and log a warning.
-    - a fractional float ≥ 1 (1.5), a negative value or a percentage > 100 raise LoralabError.
-    A warmup longer than the run is allowed but warned about.
-    """
-    key = "lr_warmup_steps"
-    if lr_warmup_steps is None:
-        return 0
-    value: int | float
-    if isinstance(lr_warmup_steps, bool):
-        raise LoralabError(f"{key}={lr_warmup_steps!r}: expected a step count, a ratio < 1 or a percentage like '10%'.")
-    if isinstance(lr_warmup_steps, str):
-        text = lr_warmup_steps.strip()
-        try:
-            if text.endswith("%"):
-                pct = float(text[:-1])
-                if not 0 <= pct <= 100:
-                    raise LoralabError(f"{key}={text!r}: a percentage must be between 0% and 100%.")
-                value = pct / 100.0
-            else:
-                f = float(text)
-                value = int(f) if f >= 1 and f.is_integer() else f
-        except ValueError as exc:
-            raise LoralabError(
-                f"{key}={text!r} is not a number: use a step count (100), a ratio (0.1) or a percentage ('10%')."
-            ) from exc
-    else:
-        value = lr_warmup_steps
-    if value < 0 or (isinstance(value, float) and math.isnan(value)):
-        raise LoralabError(f"{key}={lr_warmup_steps!r} is negative; use 0 for no warmup.")
 
-    if isinstance(value, float) and value < 1:
-        steps = int(value * total_steps)
-    elif isinstance(value, float):
-        if not value.is_integer():
-            raise LoralabError(
-                f"{key}={lr_warmup_steps!r}: a value >= 1 is a step count and must be whole; "
-                "for a fraction of the run use a ratio < 1 (0.1) or a percentage ('10%')."
-            )
-        steps = int(value)
+def build_optimizer(cfg: Any, param_groups: Iterable, total_steps: int) -> tuple[torch.optim.Optimizer, str, Any]:
+    """(optimizer, its ss_optimizer description, LR schedule over `total_steps`) from a TrainConfig:
+    optimizer_type / optimizer_args / learning_rate, then lr_scheduler (or lr_scheduler_type) with
+    lr_scheduler_args, lr_warmup_steps, lr_decay_steps, lr_scheduler_num_cycles, lr_scheduler_power,
+    lr_scheduler_timescale (0 = kohya's default) and lr_scheduler_min_lr_ratio (kohya's get_scheduler_fix)."""
+    optimizer, desc = create_optimizer(cfg.optimizer_type, param_groups, cfg.learning_rate,
+                                       parse_optimizer_args(cfg.optimizer_args))
+    if cfg.full_fp16:
+        _warn_fp16_states(optimizer)
+    scheduler = create_scheduler(
+        cfg.lr_scheduler, optimizer, total_steps=total_steps,
+        warmup_steps=resolve_warmup_steps(_whole(cfg.lr_warmup_steps), total_steps),
+        decay_steps=resolve_warmup_steps(_whole(cfg.lr_decay_steps), total_steps, key="lr_decay_steps"),
+        num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power,
+        min_lr_ratio=cfg.lr_scheduler_min_lr_ratio, timescale=cfg.lr_scheduler_timescale or None,
+        scheduler_args=parse_optimizer_args(cfg.lr_scheduler_args, key_name="lr_scheduler_args"),
+        scheduler_type=cfg.lr_scheduler_type, initial_lr=cfg.learning_rate)
+    return optimizer, desc, scheduler
+
+
+def _warn_fp16_states(optimizer: torch.optim.Optimizer) -> None:
+    """full_fp16 keeps an optimizer's states in fp16 too: an eps below fp16's smallest number (6e-8), such
+    as Adam's, Prodigy's and D-Adaptation's 1e-8, turns to 0 there, and squared gradients below it too, so
+    entries with tiny gradients divide by 0 (NaN or inf at the first steps). bitsandbytes keeps fp32 math."""
+    eps = optimizer.defaults.get("eps")
+    if isinstance(eps, float) and eps < 6e-8 and not type(optimizer).__module__.startswith("bitsandbytes"):
         logger.warning(
-            "%s=%s is a float >= 1: loralab reads it as %d steps; kohya sd-scripts would read a TOML float as a "
-            "ratio (%d steps). Write %d (an integer) to silence this warning.",
-            key, value, steps, int(value * total_steps), steps,
-        )
-    else:
-        steps = int(value)
-    if total_steps and steps > total_steps:
-        logger.warning("%s=%d is longer than the whole run (%d steps)", key, steps, total_steps)
-    return steps
+            "full_fp16 with %s: its states are fp16 like the weights, where eps=%g and small squared gradients "
+            "become 0 (NaN or inf updates); use optimizer_type AdamW8bit (kohya's usual pairing), an optimizer "
+            "without eps (Lion, SGDNesterov), full_bf16, or optimizer_args eps=1e-4", type(optimizer).__name__, eps)
 
 
-# ----------------------------------------------------------------------------------------- schedulers
-SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "cosine_with_min_lr",
-    "inverse_sqrt",
-    "piecewise_constant",
-    "adafactor",
-)
+def half_precision(params: Iterable[torch.Tensor], dtype: torch.dtype) -> None:
+    """full_fp16 / full_bf16 (kohya: `network.to(weight_dtype)`): the trained LoRA weights in `dtype`, so
+    their gradients and optimizer states are too. In place: the tensors stay the optimizer's."""
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.to(dtype)
 
 
-def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
-    return type(optimizer).__name__ == "Adafactor" and bool(optimizer.defaults.get("relative_step"))
+class Fp16GradScaler(torch.amp.GradScaler):
+    """full_fp16's loss scaler: unscales fp16 gradients, which torch's GradScaler refuses ("Attempting to
+    unscale FP16 gradients"); kohya's `patch_accelerator_for_fp16_training` replaces the same method."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
 
 
-def _no_warmup(what: str, hint: str, warmup_steps: int) -> None:
-    if warmup_steps:
-        raise LoralabError(
-            f"lr_scheduler={what} does not use a warmup, but lr_warmup_steps gives {warmup_steps} steps; "
-            f"{hint}"
-        )
-
-
-def _adafactor_schedule(raw: str, key: str, optimizer: torch.optim.Optimizer, warmup_steps: int, initial_lr: float):
-    """A relative-step Adafactor's own schedule (kohya forces `adafactor:<lr>`)."""
-    from transformers.optimization import AdafactorSchedule
-
-    if not _is_relative_step_adafactor(optimizer):
-        raise LoralabError(
-            f"lr_scheduler={raw}: this scheduler only works with optimizer_type=Adafactor and relative_step=True."
-        )
-    if key not in ("adafactor", "constant"):
-        logger.warning("Adafactor with relative_step=True: lr_scheduler=%s is replaced by Adafactor's own", raw)
-    _no_warmup("adafactor", "set lr_warmup_steps to 0 (use warmup_init=True in optimizer_args for Adafactor).",
-               warmup_steps)
-    return AdafactorSchedule(optimizer, initial_lr)
-
-
-def create_scheduler(
-    name: str | None,
-    optimizer: torch.optim.Optimizer,
-    *,
-    warmup_steps: int,
-    total_steps: int,
-    num_cycles: int = 1,
-    power: float = 1.0,
-    min_lr_ratio: float | None = None,
-    timescale: int | None = None,
-    scheduler_args: Mapping[str, Any] | None = None,
-    initial_lr: float = 0.0,
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """The LR scheduler named by kohya's `lr_scheduler` ("" or None → constant), via transformers'
-    schedule functions, which kohya uses:
-
-        warmup (all but constant):  lr_t = lr · t / warmup                                  for t < warmup
-        linear:                     lr · (1 − p),       p = (t − warmup) / (total − warmup)
-        cosine:                     lr · ½(1 + cos(π p))
-        cosine_with_restarts:       lr · ½(1 + cos(π ((num_cycles · p) mod 1)))
-        polynomial:                 (lr − 1e-7) · (1 − p)^power + 1e-7
-        cosine_with_min_lr:         cosine to lr · min_lr_ratio, with num_cycles/2 cycles (kohya)
-        inverse_sqrt:               lr / sqrt((t + timescale) / timescale) after warmup
-
-    `total_steps` is kohya's max_train_steps × num_processes (not × gradient accumulation).
-    `constant` with warmup > 0 raises LoralabError (kohya: ValueError) — use constant_with_warmup.
-    A relative-step Adafactor gets transformers' AdafactorSchedule whatever the name (kohya forces
-    `adafactor:<lr>`; `initial_lr` is what it reports before the first step). `scheduler_args`: extra
-    keyword arguments (kohya `lr_scheduler_args`, e.g. step_rules for piecewise_constant).
-    """
-    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
-
-    raw = (name or "constant").strip()
-    key = raw.lower()
-    kwargs = dict(scheduler_args or {})
-    if key.startswith("adafactor:"):
-        initial_lr = float(key.split(":", 1)[1])
-        key = "adafactor"
-
-    def no_warmup(what: str, hint: str) -> None:
-        _no_warmup(what, hint, warmup_steps)
-
-    if key == "adafactor" or _is_relative_step_adafactor(optimizer):
-        return _adafactor_schedule(raw, key, optimizer, warmup_steps, initial_lr)
-
-    if key not in SCHEDULERS:
-        raise LoralabError(f"lr_scheduler={raw!r} is unknown; accepted: {', '.join(SCHEDULERS)}.")
-
-    if key == "piecewise_constant":
-        from diffusers.optimization import get_scheduler as diffusers_get_scheduler
-
-        if "step_rules" not in kwargs:
-            raise LoralabError(
-                "lr_scheduler=piecewise_constant needs lr_scheduler_args step_rules='1:10,0.1:20,0.01' "
-                "(multiplier:until_step,...,final multiplier)."
-            )
-        return diffusers_get_scheduler("piecewise_constant", optimizer, **kwargs)
-
-    func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(key)]
-    if key == "constant":
-        no_warmup("constant", "use lr_scheduler=constant_with_warmup, or set lr_warmup_steps to 0.")
-        return func(optimizer, **kwargs)
-    if key == "constant_with_warmup":
-        return func(optimizer, num_warmup_steps=warmup_steps, **kwargs)
-    if key == "inverse_sqrt":
-        return func(optimizer, num_warmup_steps=warmup_steps, timescale=timescale, **kwargs)
-    if total_steps <= 0:
-        raise LoralabError(f"lr_scheduler={raw} needs the number of training steps (got {total_steps}).")
-    common = dict(num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-    if key == "cosine_with_restarts":
-        return func(optimizer, **common, num_cycles=num_cycles, **kwargs)
-    if key == "polynomial":
-        return func(optimizer, **common, power=power, **kwargs)
-    if key == "cosine_with_min_lr":
-        return func(optimizer, **common, num_cycles=num_cycles / 2, min_lr_rate=min_lr_ratio or 0.0, **kwargs)
-    return func(optimizer, **common, **kwargs)  # linear, cosine
+def loss_scaler(mixed_precision: str, full_fp16: bool, device_type: str) -> torch.amp.GradScaler | None:
+    """The fp16 loss scaler (None for bf16 or fp32): torch's, or `Fp16GradScaler` with full_fp16."""
+    if mixed_precision != "fp16":
+        return None
+    return (Fp16GradScaler if full_fp16 else torch.amp.GradScaler)(device_type)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -529,7 +420,8 @@ def current_lrs(
     Groups named "unet" and "textencoder" give kohya's `lr/unet` and `lr/textencoder`.
     """
     groups = optimizer.param_groups
-    lrs = list(scheduler.get_last_lr()) if scheduler is not None else [g.get("lr") for g in groups]
+    has_last = scheduler is not None and callable(getattr(scheduler, "get_last_lr", None))
+    lrs = list(scheduler.get_last_lr()) if has_last else [g.get("lr") for g in groups]
     out: dict[str, float] = {}
     for i, group in enumerate(groups):
         name = names[i] if names is not None and i < len(names) else group.get("name") or f"group{i}"

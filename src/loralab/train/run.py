@@ -139,10 +139,10 @@ def prepare(cfg: TrainConfig, recipe: Recipe) -> Run:
 
 
 def earlier_run_files(out_dir: Path, name: str) -> list[Path]:
-    """The files an earlier run with output_name `name` left in `out_dir`: `<name>.safetensors`,
+    """The files an earlier run with output_name `name` left in `out_dir`: `<name>.safetensors` (or .ckpt/.pt),
     `<name>-NNNNNN.safetensors`, `<name>-stepNNNNNNNN.safetensors`, their `-state` folders and
     `<name>-interrupted-state`."""
-    pattern = re.compile(rf"{re.escape(name)}(-(\d{{6}}|step\d{{8}}|interrupted))?(\.safetensors|-state)")
+    pattern = re.compile(rf"{re.escape(name)}(-(\d{{6}}|step\d{{8}}|interrupted))?(\.(safetensors|ckpt|pt)|-state)")
     return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name)) if out_dir.is_dir() else []
 
 
@@ -222,28 +222,69 @@ def setup_device(run: Run) -> None:
 
 
 def setup_dataset(run: Run) -> None:
-    """The kohya folder dataset (repeats, reg images, buckets), caption options and sample prompts."""
-    from loralab.data.dataset import FolderDataset, scan_folder_dataset, split_validation
+    """The dataset: kohya's folder layout (`setup_folder_dataset`) or a dataset_config
+    (`setup_configured_dataset`); then the caption options and the sample prompts."""
     from loralab.models.loader import peek_family
     from loralab.train.sampling import parse_prompt_file
 
     cfg = run.cfg
     family_hint = peek_family(cfg.pretrained_model_name_or_path)  # from the key names, for the bucket-step check
+    steps = 32 if family_hint == "sdxl" else 64
+    if cfg.dataset_config:
+        setup_configured_dataset(run, steps)
+    else:
+        setup_folder_dataset(run, steps)
+    run.caption_opts = cfg.caption_options()
+    run.prompts = parse_prompt_file(cfg.sample_prompts) if cfg.sample_prompts else []
+
+
+def setup_folder_dataset(run: Run, steps: int) -> None:
+    """train_data_dir / reg_data_dir: the kohya folder dataset (repeats, reg images, buckets), and the
+    validation images (validation_split, validation_data_dir)."""
+    from loralab.data.dataset import FolderDataset, scan_folder_dataset, split_validation
+
+    cfg = run.cfg
     scanned = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None,
                                   caption_extension=cfg.caption_extension, enable_wildcard=cfg.enable_wildcard)
     run.subsets, val_subsets = split_validation(scanned, cfg.validation_split, cfg.validation_seed or cfg.seed)
     if cfg.validation_data_dir:
         val_subsets += scan_folder_dataset(cfg.validation_data_dir, caption_extension=cfg.caption_extension,
                                            enable_wildcard=cfg.enable_wildcard, key="validation_data_dir")
-    steps = 32 if family_hint == "sdxl" else 64
     run.dataset = FolderDataset(run.subsets, batch_size=cfg.train_batch_size, required_reso_steps=steps,
                                 **cfg.bucket_options())
     if val_subsets:
         run.val_dataset = FolderDataset(val_subsets, batch_size=cfg.train_batch_size, required_reso_steps=steps,
                                         **cfg.bucket_options())
         log.info("validation: %d images held out of training", sum(s.img_count for s in val_subsets))
-    run.caption_opts = cfg.caption_options()
-    run.prompts = parse_prompt_file(cfg.sample_prompts) if cfg.sample_prompts else []
+
+
+def setup_configured_dataset(run: Run, required_reso_steps: int) -> None:
+    """`dataset_config`: one dataset per [[datasets]] (its resolution, batch size, buckets, validation split;
+    each subset with its own caption options and flip_aug), trained as one `DatasetGroup` (kohya: the
+    datasets' batches, interleaved). train_data_dir and reg_data_dir are ignored, as in kohya;
+    validation_data_dir adds a validation dataset with the training config's resolution and buckets."""
+    from loralab.data.dataset import FolderDataset, scan_folder_dataset
+    from loralab.data.dataset_config import read_dataset_config
+    from loralab.data.dataset_group import DatasetGroup, configured_datasets
+
+    cfg = run.cfg
+    ignored = [key for key in ("train_data_dir", "reg_data_dir") if getattr(cfg, key)]
+    if ignored:
+        log.warning("%s ignored: the dataset comes from dataset_config %s", " and ".join(ignored), cfg.dataset_config)
+    dc = read_dataset_config(cfg.dataset_config, dataclasses.asdict(cfg))
+    run.dataset, val = configured_datasets(dc, seed=cfg.seed, required_reso_steps=required_reso_steps)
+    run.subsets = run.dataset.subsets
+    if cfg.validation_data_dir:
+        extra = scan_folder_dataset(cfg.validation_data_dir, caption_extension=cfg.caption_extension,
+                                    enable_wildcard=cfg.enable_wildcard, key="validation_data_dir")
+        val.append(FolderDataset(extra, batch_size=cfg.train_batch_size, required_reso_steps=required_reso_steps,
+                                 **cfg.bucket_options()))
+    if val:
+        run.val_dataset = DatasetGroup(val)
+        log.info("validation: %d images held out of training", sum(s.img_count for s in run.val_dataset.subsets))
+    for i, d in enumerate(run.dataset.datasets, 1):
+        log.info("dataset %d: resolution %dx%d, batch size %d, %d train images (x repeats), %d batches/epoch", i,
+                 *d.resolution, d.batch_size, d.num_train_images, d.num_batches_per_epoch)
 
 
 def count_steps(run: Run, batches_per_epoch: int) -> None:
@@ -291,7 +332,7 @@ def load_model(run: Run) -> None:
     run.model = model
     if run.sdxl and cfg.clip_skip > 1:
         log.warning("clip_skip = %d is ignored for SDXL (it always uses the penultimate layers, as kohya)", cfg.clip_skip)
-    run.noise_scheduler = model.noise_scheduler()
+    run.noise_scheduler = model.noise_scheduler(zero_terminal_snr=cfg.zero_terminal_snr)
     run.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     for m in (model.unet, model.vae, *model.text_encoders):
         m.requires_grad_(False)
@@ -338,31 +379,32 @@ def lora_param_groups(run: Run) -> list[dict]:
     to learning_rate; a side that is not trained gets none."""
     cfg = run.cfg
     unet_lr = cfg.unet_lr if cfg.unet_lr >= 0 else None
-    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr >= 0 else None
+    te_lr = cfg.text_encoder_lr  # a list: one value per text encoder (SDXL), each >= 0
+    te_lr = te_lr if isinstance(te_lr, list) or te_lr >= 0 else None
     return run.network.param_groups(unet_lr=unet_lr if run.train_unet else 0,
                                     text_encoder_lr=te_lr if run.train_te else 0, learning_rate=cfg.learning_rate)
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict], max_steps: int) -> tuple[Any, str, Any]:
     """(optimizer, its ss_optimizer description, LR schedule over max_steps) from the config's keys."""
-    from loralab.train.optim import create_optimizer, create_scheduler, parse_optimizer_args, resolve_warmup_steps
+    from loralab.train.optim import build_optimizer as from_config
 
-    optimizer, desc = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
-                                       parse_optimizer_args(cfg.optimizer_args))
-    scheduler = create_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps,
-                                                                                                max_steps),
-                                 total_steps=max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
-                                 power=cfg.lr_scheduler_power, initial_lr=cfg.learning_rate)
-    return optimizer, desc, scheduler
+    return from_config(cfg, groups, max_steps)
 
 
 def setup_optimizer(run: Run, groups: list[dict]) -> None:
-    """Optimizer, LR schedule (over max_steps) and, for fp16, the loss scaler."""
+    """Optimizer, LR schedule (over max_steps) and, for fp16, the loss scaler; with full_fp16 / full_bf16
+    the trained LoRA weights are first cast to the mixed-precision dtype (kohya)."""
+    from loralab.train.optim import half_precision, loss_scaler
+
+    cfg = run.cfg
     run.params = [p for g in groups for p in g["params"]]
     if not run.params:
         raise LoralabError("nothing to train: both the UNet and the text-encoder LoRA are switched off")
-    run.optimizer, run.optimizer_desc, run.lr_scheduler = build_optimizer(run.cfg, groups, run.max_steps)
-    run.scaler = torch.amp.GradScaler(run.device.type) if run.cfg.mixed_precision == "fp16" else None
+    if cfg.full_fp16 or cfg.full_bf16:
+        half_precision(run.params, run.weight_dtype)
+    run.optimizer, run.optimizer_desc, run.lr_scheduler = build_optimizer(cfg, groups, run.max_steps)
+    run.scaler = loss_scaler(cfg.mixed_precision, cfg.full_fp16, run.device.type)
 
 
 def encode_images(run: Run, images: torch.Tensor) -> torch.Tensor:
@@ -380,19 +422,21 @@ def cache_latents(run: Run) -> None:
     if not cfg.cache_latents:
         return
     vae_id = f"{Path(cfg.vae or cfg.pretrained_model_name_or_path).name}:{run.model.model_hash[:16]}"
+    flip_aug = any(s.flip_aug for s in run.subsets) if cfg.dataset_config else cfg.flip_aug  # per subset there
     run.latent_cache = build_cache(run.dataset.samples, lambda x: encode_images(run, x),
-                                   to_disk=cfg.cache_latents_to_disk, flip_aug=cfg.flip_aug, vae_id=vae_id,
+                                   to_disk=cfg.cache_latents_to_disk, flip_aug=flip_aug, vae_id=vae_id,
                                    batch_size=cfg.vae_batch_size, progress=run.is_main,
                                    npz_suffix="_sdxl.npz" if run.sdxl else "_sd.npz")
 
 
 def encode_prompts(run: Run, texts: list[str]) -> tuple[torch.Tensor, ...]:
-    """The text encoders' outputs: (hidden,) for SD 1.x/2.x, (hidden1, hidden2, pool2) for SDXL."""
+    """The text encoders' outputs: (hidden,) for SD 1.x/2.x, (hidden1, hidden2, pool2) for SDXL; with
+    weighted_captions, `(tag:1.2)` scales those tokens' hidden states (`models/text.py` apply_token_weights)."""
     from loralab.models.text import encode_captions
 
     m = run.model
     return encode_captions(m.family, m.text_encoders, m.tokenizers, texts, max_token_length=run.cfg.max_token_length,
-                           clip_skip=run.cfg.clip_skip or None)
+                           clip_skip=run.cfg.clip_skip or None, weighted=run.cfg.weighted_captions)
 
 
 def cache_text_encoder_outputs(run: Run) -> None:
@@ -405,13 +449,16 @@ def cache_text_encoder_outputs(run: Run) -> None:
     cfg, model = run.cfg, run.model
     if not cfg.cache_text_encoder_outputs:
         return
-    no_dropout = dataclasses.replace(run.caption_opts, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
-    items = [(s.entry.path, process_caption(s.entry.caption, no_dropout, epoch=1, rng=random.Random(0)))
-             for s in run.dataset.samples]
-    dropout = cfg.caption_dropout_rate > 0 or cfg.caption_dropout_every_n_epochs > 0
+    options = {id(s.entry.subset): s.entry.subset.caption_options or run.caption_opts for s in run.dataset.samples}
+    no_dropout = {k: dataclasses.replace(o, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
+                  for k, o in options.items()}  # per subset: a dataset_config subset has its own options
+    items = [(s.entry.path, process_caption(s.entry.caption, no_dropout[id(s.entry.subset)], epoch=1,
+                                            rng=random.Random(0))) for s in run.dataset.samples]
+    dropout = any(o.caption_dropout_rate > 0 or o.caption_dropout_every_n_epochs > 0 for o in options.values())
     te_id = encoders_id(model_source=cfg.pretrained_model_name_or_path, model_hash=model.model_hash,
                         network_weights=cfg.network_weights or None, max_token_length=cfg.max_token_length,
-                        dtype=run.weight_dtype, clip_skip=None if run.sdxl else cfg.clip_skip or None)
+                        dtype=run.weight_dtype, clip_skip=None if run.sdxl else cfg.clip_skip or None,
+                        weighted_captions=cfg.weighted_captions)
     with run.autocast():
         run.te_cache = build_cache(items, lambda texts: encode_prompts(run, texts), names=output_names(model.family),
                                    to_disk=cfg.cache_text_encoder_outputs_to_disk, encoders=te_id,
@@ -459,20 +506,24 @@ def check_resume_matches(run: Run, counters) -> list[str]:
 def setup_outputs(run: Run) -> None:
     """What the saved files' metadata needs (RunInfo), their dtype, and the train log."""
     from loralab.data.dataset import dataset_dirs, tag_frequency
+    from loralab.data.dataset_group import DatasetGroup, datasets_metadata
     from loralab.train.logs import TrainLog
     from loralab.train.metadata import RunInfo
 
     cfg, model, d = run.cfg, run.model, run.dataset
+    datasets_md = datasets_metadata(d) if isinstance(d, DatasetGroup) else None  # dataset_config: kohya's keys
     run.info = RunInfo(
         session_id=random.Random(cfg.seed).randint(0, 2**32), started_at=run.started_at, family=model.family,
         v_parameterization=model.v_parameterization, model_name=Path(cfg.pretrained_model_name_or_path).name,
         model_hash=model.model_hash, vae_name=Path(cfg.vae).name if cfg.vae else "",
         num_train_images=d.num_train_images if d else 0, num_reg_images=d.num_reg_images if d else 0,
         num_batches_per_epoch=d.num_batches_per_epoch if d else run.batches_per_proc, num_epochs=run.num_epochs,
-        max_train_steps=run.max_steps, optimizer_desc=run.optimizer_desc, tag_frequency=tag_frequency(run.subsets),
-        dataset_dirs=dataset_dirs(run.subsets, reg=False), reg_dataset_dirs=dataset_dirs(run.subsets, reg=True),
+        max_train_steps=run.max_steps, optimizer_desc=run.optimizer_desc,
+        tag_frequency=datasets_md[1] if datasets_md else tag_frequency(run.subsets),
+        dataset_dirs=datasets_md[2] if datasets_md else dataset_dirs(run.subsets, reg=False),
+        reg_dataset_dirs={} if datasets_md else dataset_dirs(run.subsets, reg=True),
         bucket_info=d.bucket_info() if d is not None and cfg.enable_bucket else None,
-        network_args=cfg.network_options())
+        network_args=cfg.network_options(), datasets=datasets_md[0] if datasets_md else None)
     run.save_dtype = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                       "bf16": torch.bfloat16}[cfg.save_precision]
     run.log = TrainLog(run.out_dir, logging_dir=cfg.logging_dir or None, log_prefix=cfg.log_prefix, enabled=run.is_main)

@@ -13,10 +13,13 @@ image's size/crop micro-conditioning (`models/sdxl.py`), handed to the UNet as `
 from __future__ import annotations
 
 import random
+from dataclasses import fields
 
 import torch
 
+from loralab.config import TrainConfig
 from loralab.errors import LoralabError
+from loralab.train.noise import LossOptions
 from loralab.train.run import Run, encode_images, encode_prompts
 
 
@@ -37,7 +40,8 @@ def batch_latents(run: Run, batch: list, flips: list[bool]) -> torch.Tensor:
 
 def text_conditioning(run: Run, captions: list[str], cached: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The UNet's encoder_hidden_states and added_cond_kwargs (SDXL: text_embeds) for captions: from the
-    text-encoder cache when the run has one (and `cached`), else encoded now."""
+    text-encoder cache when the run has one (and `cached`), else encoded now (`encode_prompts`). With
+    weighted_captions both are weighted: `(tag:1.2)` scales that tag's hidden states (`models/text.py`)."""
     from loralab.models.text import unet_text_conditioning
 
     use_cache = cached and run.te_cache is not None
@@ -57,17 +61,19 @@ def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.G
     """The weighted diffusion loss of one batch of dataset samples (a scalar):
 
         captions (kohya's pipeline) and flips → latents → text conditioning (+ SDXL size/crop ids)
-        → noise, timesteps, noisy latents → UNet → target (ε or v) → per-sample loss
-        (reg images × prior_loss_weight, min-SNR weight) → mean.
+        → noise, timesteps, noisy latents → UNet → target (ε or v) → per-sample loss (loss_type,
+        reg images × prior_loss_weight, SNR weights: min-SNR, v-pred scales, debiased) → mean.
     """
     from loralab.data.captions import process_caption
     from loralab.models.sdxl import batch_time_ids
     from loralab.train import noise as N
 
     cfg = run.cfg
-    captions = [process_caption(s.entry.caption, run.caption_opts, epoch=run.epoch + 1, rng=rng,
-                                step=run.global_step, max_train_steps=run.max_steps) for s in batch]
-    flips = [cfg.flip_aug and rng.random() < 0.5 for _ in batch]
+    captions = [process_caption(s.entry.caption, s.entry.subset.caption_options or run.caption_opts,  # a subset's own
+                                epoch=run.epoch + 1, rng=rng, step=run.global_step, max_train_steps=run.max_steps)
+                for s in batch]
+    flips = [(cfg.flip_aug if s.entry.subset.flip_aug is None else s.entry.subset.flip_aug) and rng.random() < 0.5
+             for s in batch]  # a dataset_config subset's own flip_aug
     latents = batch_latents(run, batch, flips)
     with torch.set_grad_enabled(trains_text_encoder_now(run)), run.autocast():
         cond, added = text_conditioning(run, captions)
@@ -84,7 +90,7 @@ def loss_of_prediction(run: Run, latents: torch.Tensor, noise: torch.Tensor, noi
                        timesteps: torch.Tensor, cond: torch.Tensor, added: dict[str, torch.Tensor],
                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """The UNet's prediction for the noisy latents against its target (ε or v), as a per-sample loss
-    (× `weights`, × the min-SNR weight): `train/noise.py` loss_per_sample."""
+    (loss_type, × `weights`, × the SNR weights of the config): `train/noise.py` loss_per_sample."""
     from loralab.train import noise as N
 
     model, dtype = run.model, run.weight_dtype
@@ -92,8 +98,13 @@ def loss_of_prediction(run: Run, latents: torch.Tensor, noise: torch.Tensor, noi
         pred = model.unet(noisy.to(dtype), timesteps, cond.to(dtype), added_cond_kwargs=added or None).sample
     target = N.training_target(run.noise_scheduler, latents, noise, timesteps, model.v_parameterization)
     return N.loss_per_sample(pred.float(), target.float(), loss_weights=weights, timesteps=timesteps,
-                             scheduler=run.noise_scheduler, min_snr_gamma=run.cfg.min_snr_gamma or None,
+                             scheduler=run.noise_scheduler, options=loss_options(run.cfg),
                              v_parameterization=model.v_parameterization)
+
+
+def loss_options(cfg: TrainConfig) -> LossOptions:
+    """The config's loss settings (`train/noise.py` LossOptions: its fields are config keys of the same names)."""
+    return LossOptions(**{f.name: getattr(cfg, f.name) for f in fields(LossOptions)})
 
 
 def nan_guard(run: Run, loss: torch.Tensor) -> None:

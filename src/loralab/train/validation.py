@@ -59,8 +59,12 @@ def validation_inputs(run: Run) -> list[ValidationBatch]:
     from loralab.models.sdxl import batch_time_ids
 
     seed = run.cfg.validation_seed or run.cfg.seed
-    opts = dataclasses.replace(run.caption_opts, shuffle_caption=False, caption_dropout_rate=0.0,
-                               caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_step=0)
+
+    def opts(sample):  # its subset's caption options (a dataset_config sets them per subset), fixed
+        return dataclasses.replace(sample.entry.subset.caption_options or run.caption_opts, shuffle_caption=False,
+                                   caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
+                                   caption_tag_dropout_rate=0.0, token_warmup_step=0)
+
     inputs = []
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         for bi, batch in enumerate(validation_batches(run)):
@@ -70,7 +74,7 @@ def validation_inputs(run: Run) -> list[ValidationBatch]:
                                        [False] * len(batch), run.device) if run.sdxl else None)
             inputs.append(ValidationBatch(
                 latents=encode_images(run, images),
-                captions=[process_caption(s.entry.caption, opts, epoch=1, rng=random.Random(0)) for s in batch],
+                captions=[process_caption(s.entry.caption, opts(s), epoch=1, rng=random.Random(0)) for s in batch],
                 time_ids=time_ids))
     return inputs
 
