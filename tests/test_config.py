@@ -211,3 +211,19 @@ def test_config_import_writes_the_loralab_toml_and_says_what_it_did(tmp_path, pa
     again = subprocess.run([sys.executable, "-m", "loralab.cli", "config", "import", str(src), "--out", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and f"error: config import: {out} exists" in again.stderr
+
+
+def test_every_sd_scripts_training_key_is_used_ignored_or_refused_knowingly():
+    """Each argument of sd-scripts' LoRA scripts is a loralab key, an alias, or in config/kohya.py's table
+    (no effect, or refused when switched on); none is merely unknown."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from loralab.config import TrainConfig
+    from loralab.config.kohya import ALIASES, FOREIGN, SUGGEST
+
+    listed = Path(__file__).parent / "data" / "sd_scripts_keys.txt"
+    keys = [line.split()[1] for line in listed.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(keys) > 180
+    ours = {f.name for f in fields(TrainConfig)}
+    assert [k for k in keys if k not in ours and k not in FOREIGN and k not in ALIASES and k not in SUGGEST] == []

@@ -519,3 +519,11 @@ def test_cli_dataset_check_and_dry_run_take_a_dataset_config(tmp_path, tiny_sd1_
     assert "  bucket 64x64: 3 images, 9 samples per epoch\n  bucket 96x96: 2 images, 4 samples per epoch\n" in r.stdout
     assert "  9 batches per epoch, 9 steps per epoch, 2 epochs, 18 steps" in r.stdout
     assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, "-m", "loralab.cli", "dataset", "tags", "--dataset-config", str(ds)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3_alpha (train, 3 images, activation tag 'alpha')" in r.stdout and "2_beta (train, 2 images" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "loralab.cli", "tokens", "--dataset-config", str(ds)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3_alpha  alpha           alpha</w>  8624       3        3    69%" in r.stdout

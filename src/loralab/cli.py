@@ -124,9 +124,18 @@ def cmd_dataset_tags(args: argparse.Namespace, extra: list[str]) -> int:
 
     if not 0 < args.threshold <= 1:
         raise LoralabError(f"--threshold {args.threshold} must be a share between 0 and 1, e.g. 0.5")
+    dataset = None
+    if args.dataset_config:
+        from loralab.analyze.scan import scan_dataset_config
+
+        if args.dir or args.reg:
+            raise LoralabError("dataset tags: give DIR (and --reg) or --dataset-config FILE, not both")
+        dataset = scan_dataset_config(args.dataset_config, args.caption_extension)
+    elif not args.dir:
+        raise LoralabError("dataset tags: give DIR (a train_data_dir) or --dataset-config FILE")
     report = analyze_tags(args.dir, args.reg, threshold=args.threshold,
                           compare=tuple(args.compare) if args.compare else None,
-                          caption_extension=args.caption_extension)
+                          caption_extension=args.caption_extension, dataset=dataset)
     print(report.to_json() if args.json else render_tags(report))
     return 0
 
@@ -172,8 +181,14 @@ def cmd_dataset_clean(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_tokens(args: argparse.Namespace, extra: list[str]) -> int:
     from loralab.analyze.tokens import dataset_tokens, render_dataset_tokens, render_text_tokens, text_tokens
 
-    if args.dataset and args.text:
-        raise LoralabError("tokens: give either TEXT or --dataset DIR, not both")
+    if (args.dataset or args.dataset_config) and args.text:
+        raise LoralabError("tokens: give either TEXT or --dataset DIR (or --dataset-config FILE), not both")
+    if args.dataset_config:
+        from loralab.analyze.scan import scan_dataset_config
+
+        result = dataset_tokens(None, dataset=scan_dataset_config(args.dataset_config, args.caption_extension))
+        print(result.to_json() if args.json else render_dataset_tokens(result))
+        return 0
     if args.dataset:
         result = dataset_tokens(args.dataset, caption_extension=args.caption_extension)
         print(result.to_json() if args.json else render_dataset_tokens(result))
@@ -211,8 +226,9 @@ def _add_dataset_parsers(sub) -> None:
     c.set_defaults(func=cmd_dataset_check)
 
     t = dsub.add_parser("tags", help="tag frequency per concept, pruning candidates, rare tags")
-    t.add_argument("dir", help="train_data_dir")
+    t.add_argument("dir", nargs="?", help="train_data_dir")
     t.add_argument("--reg", help="reg_data_dir")
+    t.add_argument("--dataset-config", help="an sd-scripts dataset_config TOML instead of DIR (each folder once)")
     t.add_argument("--threshold", type=float, default=0.5, help="share of a concept's images (default 0.5)")
     t.add_argument("--compare", nargs=2, metavar=("CONCEPT_A", "CONCEPT_B"),
                    help="tags whose share differs most between two concepts")
@@ -249,6 +265,7 @@ def _add_analysis_parsers(sub) -> None:
     k = sub.add_parser("tokens", help="CLIP tokens of tags; tokens that activation tags share and how to balance")
     k.add_argument("text", nargs="*", help='tags, e.g. "jinxdef, jinxarcane"')
     k.add_argument("--dataset", metavar="DIR", help="the activation tags of this train_data_dir")
+    k.add_argument("--dataset-config", metavar="FILE", help="the activation tags of a dataset_config's folders")
     _caption_arg(k)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_tokens)

@@ -215,3 +215,22 @@ def scan_subsets(folders: list[tuple[Subset, str]], root: Path) -> ScannedDatase
                            "put .png/.jpg/.jpeg/.webp/.bmp files in them")
     first = extensions[id(folders[0][0])]
     return ScannedDataset(root, None, first, subsets, images, empty, links, [], extensions)
+
+
+def scan_dataset_config(path: str | Path, caption_extension: str = ".txt") -> ScannedDataset:
+    """All image folders of a dataset_config as one dataset, for the commands that look at captions and
+    concepts (`dataset tags`, `tokens --dataset-config`): each folder once, even when several [[datasets]]
+    train it (multi-resolution), with its own caption extension and repeats. `caption_extension` stands for
+    the training config's (the fallback of subsets that give none)."""
+    from loralab.data.dataset_config import dataset_config_subsets
+
+    folders, seen = [], set()
+    for _spec, subsets in dataset_config_subsets(path, {"caption_extension": caption_extension}):
+        for subset, extension in subsets:
+            if subset.dir.resolve() not in seen:
+                seen.add(subset.dir.resolve())
+                folders.append((subset, extension))
+    if not folders:
+        raise LoralabError(f"dataset_config: {path} has no image folders to look at")
+    return scan_subsets(folders, Path(path).parent)
+

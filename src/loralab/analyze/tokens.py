@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loralab.analyze.dataset_check import activation_tag, format_table, scan_dataset
+from loralab.analyze.scan import ScannedDataset
 from loralab.errors import LoralabError
 
 MAX_REPEATS = 5
@@ -171,10 +172,12 @@ class DatasetTokens:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
 
 
-def dataset_tokens(train_dir: str | Path, *, caption_extension: str = ".txt") -> DatasetTokens:
+def dataset_tokens(train_dir: str | Path | None, *, caption_extension: str = ".txt",
+                   dataset: ScannedDataset | None = None) -> DatasetTokens:
     """Tokens of each concept's activation tag, the tokens they share, who trains them with what share of an
-    epoch, and balancing repeats per group of concepts linked by shared tokens."""
-    ds = scan_dataset(train_dir, caption_extension=caption_extension)
+    epoch, and balancing repeats per group of concepts linked by shared tokens. `dataset`: already scanned
+    (e.g. `scan.scan_dataset_config`) instead of `train_dir`."""
+    ds = dataset or scan_dataset(train_dir, caption_extension=caption_extension)
     subsets = [s for s in ds.train_subsets if s.img_count]
     total = sum(s.img_count * s.num_repeats for s in subsets)
     tok = _tokenizer()
