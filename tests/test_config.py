@@ -227,3 +227,124 @@ def test_every_sd_scripts_training_key_is_used_ignored_or_refused_knowingly():
     assert len(keys) > 180
     ours = {f.name for f in fields(TrainConfig)}
     assert [k for k in keys if k not in ours and k not in FOREIGN and k not in ALIASES and k not in SUGGEST] == []
+
+
+SD_SCRIPTS_STYLE = """\
+# a config in the style people write for sd-scripts' train_network.py --config_file: every option in
+# [sections], many at their defaults, some commented out
+[Basics]
+pretrained_model_name_or_path = "{model}"
+train_data_dir = "{data}"
+resolution = "512"
+seed = 23
+max_train_steps = 10000   # max_train_epochs wins
+max_train_epochs = 2
+clip_skip = 2
+
+[Save]
+output_dir = "{out}"
+output_name = "name"
+save_precision = "fp16"
+save_model_as = "safetensors"
+save_every_n_epochs = 10
+save_state = false
+save_last_n_steps_state = 1
+# save_n_epoch_ratio = 10
+
+[Network_setup]
+network_dim = 8
+network_alpha = 4.0
+dim_from_weights = false
+network_dropout = 0
+network_train_unet_only = false
+resume = false
+network_module = "networks.lora"
+network_args = ["conv_dim=4", "conv_alpha=1"]
+
+[Optimizer]
+train_batch_size = 8
+gradient_accumulation_steps = 1
+optimizer_type = "AdamW8bit"
+unet_lr = 0.0002
+text_encoder_lr = 0.0001
+max_grad_norm = 1.0
+optimizer_args = ["weight_decay=0.1", "betas=0.9,0.99"]
+lr_scheduler_type = ""
+lr_scheduler = "cosine_with_restarts"
+lr_warmup_steps = 80
+lr_scheduler_num_cycles = 3
+
+[Precision]
+mixed_precision = "bf16"
+full_fp16 = false
+
+[Further]
+min_snr_gamma = 5
+multires_noise_discount = 0.3
+multires_noise_iterations = 10
+scale_weight_norms = 1
+scale_v_pred_loss_like_noise_pred = false
+
+[Buckets]
+enable_bucket = true
+min_bucket_reso = 320
+max_bucket_reso = 960
+bucket_reso_steps = 64
+bucket_no_upscale = false
+
+[Captions]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+caption_dropout_rate = 0.05
+max_token_length = 150
+weighted_captions = false
+token_warmup_min = 1
+token_warmup_step = 0
+
+[Other]
+mem_eff_attn = false
+xformers = true
+color_aug = false
+flip_aug = false
+random_crop = false
+cache_latents = true
+cache_latents_to_disk = true
+vae_batch_size = 1
+sample_sampler = "ddim"
+logging_dir = "logs_training"
+log_with = "tensorboard"
+log_prefix = "run_"
+max_data_loader_n_workers = 8
+persistent_data_loader_workers = true
+dataset_repeats = 1
+prior_loss_weight = 1.0
+save_state_to_huggingface = false
+resume_from_huggingface = false
+async_upload = false
+debug_dataset = false
+use_8bit_adam = false
+use_lion_optimizer = false
+learning_rate = 0.0002
+lowram = false
+training_comment = ""
+"""
+
+
+def test_a_full_sd_scripts_style_config_loads_unchanged_except_paths(tmp_path, paths):
+    model, data = paths
+    cfg_file = tmp_path / "sd_scripts.toml"
+    cfg_file.write_text(SD_SCRIPTS_STYLE.format(model=model, data=data, out=tmp_path / "out"))
+    c = build_config(cfg_file)
+    got = {k: getattr(c, k) for k in ("max_train_epochs", "resume", "network_dim", "network_alpha", "network_args",
+                                      "optimizer_type", "optimizer_args", "unet_lr", "text_encoder_lr",
+                                      "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "resolution",
+                                      "enable_bucket", "min_bucket_reso", "max_bucket_reso", "mixed_precision",
+                                      "keep_tokens", "max_token_length", "save_last_n_steps_state", "cache_latents")}
+    assert got == {"max_train_epochs": 2, "resume": "", "network_dim": 8, "network_alpha": 4.0,
+                   "network_args": ["conv_dim=4", "conv_alpha=1"], "optimizer_type": "AdamW8bit",
+                   "optimizer_args": ["weight_decay=0.1", "betas=0.9,0.99"], "unet_lr": 2e-4, "text_encoder_lr": 1e-4,
+                   "lr_scheduler": "cosine_with_restarts", "lr_warmup_steps": 80.0, "lr_scheduler_num_cycles": 3,
+                   "resolution": "512,512", "enable_bucket": True, "min_bucket_reso": 320, "max_bucket_reso": 960,
+                   "mixed_precision": "bf16", "keep_tokens": 1, "max_token_length": 150, "save_last_n_steps_state": 1,
+                   "cache_latents": True}

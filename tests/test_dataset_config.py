@@ -301,13 +301,12 @@ num_repeat = 2
                  "[[datasets]] #1: unknown key 'num_repeat'; did you mean num_repeats?",
                  "[[datasets]] #1 subset #1: unknown key 'flipaug'; did you mean flip_aug?",
                  "[[datasets]] #1 subset #1: resolution is a dataset key",
-                 "[[datasets]] #1 subset #1: color_aug: not implemented in loralab yet",
                  f"[[datasets]] #1 subset #2: image_dir: the folder {tmp_path / 'nowhere'} does not exist",
                  "[[datasets]] #1 subset #2: caption_dropout_rate = 'half': expected a number",
                  "[[datasets]] #1 subset #3: image_dir: missing"):
         assert part in text, part
-    assert len(problems) == 9
-    with pytest.raises(LoralabError, match="^9 problems in the dataset_config:"):
+    assert len(problems) == 8  # color_aug = true is fine (without cache_latents)
+    with pytest.raises(LoralabError, match="^8 problems in the dataset_config:"):
         read_dataset_config(toml, defaults())
     # a name far from every key gets no suggestion
     write(toml, f'[[datasets]]\nzzz = 1\n  [[datasets.subsets]]\n  image_dir = "{a}"\n')
@@ -330,8 +329,6 @@ def test_cached_text_encoder_outputs_refuse_a_subset_whose_caption_changes(tmp_p
      "fine-tuning subsets (metadata_file) are not supported: put each caption in a .txt file"),
     ("controlnet subset", 'image_dir = "{a}"\n  conditioning_data_dir = "{a}"',
      "ControlNet / masked-loss subsets (conditioning_data_dir) are not supported"),
-    ("random_crop", 'image_dir = "{a}"\n  random_crop = true',
-     "random_crop: not implemented in loralab yet; remove it or set it to False"),
 ])
 def test_bad_dataset_config_is_one_message_and_trains_nothing(tmp_path, tiny_sd1_checkpoint, case, subset, expected):
     a = make_folder(tmp_path / "a", 1)
@@ -386,8 +383,8 @@ def test_multiresolution_training_with_per_subset_options(tmp_path, tiny_sd1_che
     latents_of, conditioning_of = step.batch_latents, step.text_conditioning
     pending: dict = {}
 
-    def record_latents(run, batch, flips):
-        latents = latents_of(run, batch, flips)
+    def record_latents(run, batch, flips, *augments):
+        latents = latents_of(run, batch, flips, *augments)
         pending["rows"] = [(s.choice.bucket, tuple(latents.shape[-2:]), f, s.entry.subset.is_reg)
                            for s, f in zip(batch, flips)]
         return latents
@@ -527,3 +524,107 @@ def test_cli_dataset_check_and_dry_run_take_a_dataset_config(tmp_path, tiny_sd1_
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3_alpha  alpha           alpha</w>  8624       3        3    69%" in r.stdout
+
+
+def test_vae_check_takes_a_dataset_config_each_dataset_at_its_resolution(tmp_path, tiny_sd1_checkpoint):
+    import subprocess
+    import sys
+
+    from test_train import make_dataset
+
+    img, _ = make_dataset(tmp_path, reg=False)
+    ds = tmp_path / "cfg" / "ds.toml"
+    ds.parent.mkdir()
+    ds.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{img}/3_alpha"\n'
+                  f'[[datasets]]\nresolution = 96\n  [[datasets.subsets]]\n  image_dir = "{img}/2_beta"\n')
+    r = subprocess.run([sys.executable, "-m", "loralab.cli", "vae-check", "--dataset-config", str(ds), "--model",
+                        str(tiny_sd1_checkpoint), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, second = r.stdout.split("\n\n[[datasets]] #2\n")
+    assert first.startswith("[[datasets]] #1\n") and "3 images" in first and "  64x64  " in first
+    assert "2 images" in second and "  96x96  " in second
+    out = tmp_path / "cfg" / "ds_vae_check"
+    assert (out / "datasets_1" / "vae_report.json").is_file() and (out / "datasets_2" / "vae_report.json").is_file()
+
+
+# sd-scripts' own documentation examples (kohya-ss/sd-scripts docs/config_README-en.md at 48d368fa, Apache-2.0),
+# with only the Windows paths replaced by folders of generated images.
+SD_SCRIPTS_DOC_EXAMPLE_1 = """\
+[general]
+shuffle_caption = true
+caption_extension = '.txt'
+keep_tokens = 1
+
+# This is a DreamBooth-style dataset
+[[datasets]]
+resolution = 512
+batch_size = 4
+keep_tokens = 2
+
+  [[datasets.subsets]]
+  image_dir = '{hoge}'
+  class_tokens = 'hoge girl'
+  # This subset uses keep_tokens = 2 (the value of the parent datasets)
+
+  [[datasets.subsets]]
+  image_dir = '{fuga}'
+  class_tokens = 'fuga boy'
+  keep_tokens = 3
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = '{reg}'
+  class_tokens = 'human'
+  keep_tokens = 1
+"""
+SD_SCRIPTS_DOC_FINETUNE = """\
+# This is a fine-tuning dataset
+[[datasets]]
+resolution = [768, 768]
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = '{piyo}'
+  metadata_file = '{piyo}/piyo_md.json'
+"""
+SD_SCRIPTS_DOC_EXAMPLE_3 = """\
+[general]
+flip_aug = true
+color_aug = false
+resolution = [1024, 1024]
+
+[[datasets]]
+batch_size = 6
+enable_bucket = true
+bucket_no_upscale = true
+caption_extension = ".txt"
+keep_tokens_separator= "|||"
+shuffle_caption = true
+caption_tag_dropout_rate = 0.1
+secondary_separator = ";;;"
+enable_wildcard = true
+
+  [[datasets.subsets]]
+  image_dir = "{hoge}"
+  num_repeats = 1
+  caption_prefix = "1girl, hatsune miku, vocaloid |||"
+  caption_suffix = ", anime screencap ||| masterpiece, rating: general"
+"""
+
+
+def test_sd_scripts_documentation_examples_resolve_as_documented(tmp_path):
+    dirs = {k: make_folder(tmp_path / k, 2) for k in ("hoge", "fuga", "reg", "piyo")}
+    one = read_dataset_config(write(tmp_path / "one.toml", SD_SCRIPTS_DOC_EXAMPLE_1.format(**dirs)), defaults())
+    ds = one.datasets[0]
+    assert (ds.values["resolution"], ds.values["batch_size"]) == ((512, 512), 4)
+    assert [(s.values["keep_tokens"], s.values["shuffle_caption"], s.values["class_tokens"], s.values["is_reg"])
+            for s in ds.subsets] == [(2, True, "hoge girl", False), (3, True, "fuga boy", False), (1, True, "human", True)]
+    with pytest.raises(LoralabError, match="metadata_file"):  # the fine-tuning half of the same example
+        read_dataset_config(write(tmp_path / "ft.toml", SD_SCRIPTS_DOC_FINETUNE.format(**dirs)), defaults())
+    three = read_dataset_config(write(tmp_path / "three.toml", SD_SCRIPTS_DOC_EXAMPLE_3.format(**dirs)), defaults())
+    ds = three.datasets[0]
+    assert (ds.values["resolution"], ds.values["batch_size"], ds.values["bucket_no_upscale"]) == ((1024, 1024), 6, True)
+    v = ds.subsets[0].values
+    assert (v["flip_aug"], v["keep_tokens_separator"], v["secondary_separator"], v["enable_wildcard"],
+            v["caption_tag_dropout_rate"], v["caption_prefix"]) == (True, "|||", ";;;", True, 0.1,
+                                                                   "1girl, hatsune miku, vocaloid |||")

@@ -61,8 +61,6 @@ UNSUPPORTED = {"loha-Prodigy.json": "LyCORIS/LoHa", "SDXL - LoHA AI_Characters v
 # Keys of these files that loralab refuses for good (build_config's message names them).
 REFUSED = {"SDXL - LoRA kudou-reira prodigy v4.0.json": {"log_with"},  # "wandb"
            "sd15 - EDG_LoraOptiSettings.json": {"resolution"}}  # 650 is not a multiple of 8
-# Keys being implemented by others, refused with "not implemented in loralab yet" until they land.
-IN_PROGRESS = {"color_aug", "random_crop"}
 
 
 def test_the_copied_files_are_all_here():
@@ -127,17 +125,12 @@ def _with_real_paths(keys: dict, prompt_text: str, tmp_path: Path) -> dict:
     return keys
 
 
-def _refused_keys(message: str, keys: dict) -> tuple[set[str], set[str]]:
-    """(keys named by build_config's problems, those refused as not implemented yet)."""
+def _refused_keys(message: str, keys: dict) -> set[str]:
+    """The keys named by build_config's problems."""
     lines = [line.strip().removeprefix("- ") for line in message.splitlines()]
     lines = lines[1:] if len(lines) > 1 else lines
-    named, not_yet = set(), set()
-    for line in lines:
-        key = next((k for k in sorted(keys, key=len, reverse=True) if line.startswith((f"{k}:", f"{k} ="))), line)
-        named.add(key)
-        if "not implemented in loralab yet" in line:
-            not_yet.add(key)
-    return named, not_yet
+    return {next((k for k in sorted(keys, key=len, reverse=True) if line.startswith((f"{k}:", f"{k} ="))), line)
+            for line in lines}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -147,9 +140,7 @@ def test_build_config_takes_the_converted_keys(name, tmp_path):
     try:
         cfg = build_config(None, keys)
     except LoralabError as e:
-        named, not_yet = _refused_keys(str(e), keys)
-        assert not_yet <= IN_PROGRESS, str(e)
-        assert named - not_yet == REFUSED.get(name, set()), str(e)
+        assert _refused_keys(str(e), keys) == REFUSED.get(name, set()), str(e)
         return
     assert name not in REFUSED
     assert cfg.network_module == "networks.lora" and cfg.optimizer_type == c.keys["optimizer_type"]
@@ -355,3 +346,20 @@ def test_config_import_of_a_gui_json(tmp_path):
     text = out.read_text()
     assert 'optimizer_type = "AdamW8bit"' in text and "max_train_epochs = 4" in text and "model_list" not in text.split(
         "\n[", 1)[1]
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) - set(REFUSED)))
+def test_the_toml_the_gui_writes_for_sd_scripts_loads_the_same(name, tmp_path):
+    """The GUI runs sd-scripts with a TOML of the keys it sends (lora_gui.py's config_toml_data, with "", 0,
+    false and None left out): that file, written from the conversion, loads to the same config."""
+    import dataclasses
+
+    from loralab.config.convert import toml_value
+
+    c = convert(name)
+    keys = _with_real_paths(c.keys, c.prompt_text, tmp_path)
+    toml = tmp_path / "config_lora.toml"
+    toml.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items() if v not in ("", None, False, 0)))
+    from_file, from_keys = build_config(toml), build_config(None, {k: v for k, v in keys.items()
+                                                                     if v not in ("", None, False, 0)})
+    assert dataclasses.asdict(from_file) == dataclasses.asdict(from_keys)

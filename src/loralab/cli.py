@@ -203,6 +203,18 @@ def cmd_tokens(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_vae_check(args: argparse.Namespace, extra: list[str]) -> int:
     from loralab.analyze.vae_check import render_vae, vae_check
 
+    if args.dataset_config:
+        from loralab.analyze.vae_check import vae_check_dataset_config
+
+        if args.dir:
+            raise LoralabError("vae-check: give DIR or --dataset-config FILE, not both")
+        reports = vae_check_dataset_config(args.dataset_config, out=args.out, model=args.model, vae=args.vae,
+                                           caption_extension=args.caption_extension, device=args.device,
+                                           defaults={"caption_extension": args.caption_extension})
+        print("\n\n".join(f"[[datasets]] #{Path(r.output).name.split('_')[-1]}\n{render_vae(r)}" for r in reports))
+        return 0
+    if not args.dir:
+        raise LoralabError("vae-check: give DIR (a train_data_dir or image folder) or --dataset-config FILE")
     report = vae_check(args.dir, model=args.model, vae=args.vae, out=args.out, settings=_bucket_settings(args),
                        caption_extension=args.caption_extension, device=args.device)
     print(render_vae(report))
@@ -271,7 +283,9 @@ def _add_analysis_parsers(sub) -> None:
     k.set_defaults(func=cmd_tokens)
 
     v = sub.add_parser("vae-check", help="round-trip each image through the VAE; PSNR and side-by-side PNGs")
-    v.add_argument("dir", help="train_data_dir or a folder of images")
+    v.add_argument("dir", nargs="?", help="train_data_dir or a folder of images")
+    v.add_argument("--dataset-config", help="an sd-scripts dataset_config TOML instead of DIR: each [[datasets]] "
+                                            "at its own resolution")
     v.add_argument("--model", help="base model (its VAE is used)")
     v.add_argument("--vae", help="a VAE file or folder (instead of the model's)")
     v.add_argument("--out", help="output folder (default: DIR_vae_check next to DIR)")

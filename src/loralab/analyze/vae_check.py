@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,9 +137,11 @@ def vae_check(
     caption_extension: str = ".txt",
     device: str = "auto",
     progress: bool = True,
+    images: list[tuple[Path, tuple[int, int] | None, str | None]] | None = None,
 ) -> VaeReport:
     """Round-trip every image of `data_dir` through the VAE at its bucket size; write the side-by-side PNGs
-    (`out/<same relative path>_vae.png`) and `out/vae_report.json`; return the results, worst PSNR first."""
+    (`out/<same relative path>_vae.png`) and `out/vae_report.json`; return the results, worst PSNR first.
+    `images`: (path, size, error) already listed (a dataset_config's folders) instead of scanning `data_dir`."""
     import torch
 
     from loralab.data.images import prepare_image
@@ -148,7 +151,7 @@ def vae_check(
     out = Path(out) if out else default_output(data_dir)
     if out.resolve() == data_dir.resolve() or out.resolve().is_relative_to(data_dir.resolve()):
         raise LoralabError(f"vae-check: --out {out} is inside the dataset {data_dir}; choose a folder outside it")
-    images = _images(data_dir, caption_extension)
+    images = _images(data_dir, caption_extension) if images is None else images
     if not images:
         raise LoralabError(f"vae-check: no images in {data_dir}")
     candidates = settings.candidates()
@@ -208,3 +211,29 @@ def render_vae(report: VaeReport, top: int = 20) -> str:
     for file, why in report.failed:
         out.append(f"failed: {file}: {why}")
     return "\n".join(out)
+
+
+def vae_check_dataset_config(path: str | Path, *, out: str | Path | None = None, defaults: dict | None = None,
+                             **kw) -> list[VaeReport]:
+    """`vae-check --dataset-config`: each [[datasets]] at its own resolution and buckets, into
+    `out/datasets_<n>/` (`vae_check` for the rest)."""
+    from loralab.analyze.scan import scan_subsets
+    from loralab.data.dataset_config import dataset_config_subsets
+
+    path = Path(path)
+    out = Path(out) if out else path.parent / f"{path.stem}_vae_check"
+    reports = []
+    for spec, folders in dataset_config_subsets(path, defaults):
+        if not folders:
+            continue
+        ds = scan_subsets(folders, path.parent)
+        b = spec.bucket_options()
+        settings = BucketSettings(resolution=tuple(b["resolution"]), batch_size=b["batch_size"],
+                                  enable_bucket=b["enable_bucket"], min_bucket_reso=b["min_bucket_reso"],
+                                  max_bucket_reso=b["max_bucket_reso"], bucket_reso_steps=b["bucket_reso_steps"],
+                                  bucket_no_upscale=b["bucket_no_upscale"])
+        images = [(im.path, im.size, im.header_error) for im in ds.images]
+        root = Path(os.path.commonpath([str(s.dir.resolve()) for s, _ in folders]))  # the folders' common parent
+        reports.append(vae_check(root, out=out / f"datasets_{spec.index}", settings=settings, images=images, **kw))
+    return reports
+

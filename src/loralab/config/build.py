@@ -63,9 +63,9 @@ def _coerce(name: str, value: Any, source: str, known: dict[str, Any]) -> Any:
                 return [str(v) for v in value]
             raise ValueError("expected a list of 'key=value' strings")
         if isinstance(default, str):
-            if isinstance(value, (dict, list)):
+            if isinstance(value, (dict, list)) or value is True:
                 raise ValueError("expected a string")
-            return "" if value is None else str(value)
+            return "" if value is None or value is False else str(value)  # kohya TOMLs write `resume = false` for unset
     except (ValueError, TypeError) as e:
         raise LoralabError(f"{where}: bad value {value!r}: {e}") from None
     return value
@@ -233,10 +233,6 @@ def config_values(values: dict[str, tuple[Any, str]], known: dict[str, Any], sou
     return kwargs, problems
 
 
-# Keys being implemented: only their default value is accepted until then.
-NOT_YET = {"color_aug": False, "random_crop": False}
-
-
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no model: choices, ranges, paths, combinations. Every problem is reported at once
     (`config_problems`)."""
@@ -255,9 +251,6 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     """The problems of a config, in key order, as messages that name the key."""
     problems: list[str] = []
     bad = problems.append
-    for key, default in NOT_YET.items():
-        if getattr(cfg, key) != default:
-            bad(f"{key}: not implemented in loralab yet; remove it or set it to {default!r}")
     for f in fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
@@ -356,6 +349,12 @@ def config_problems(cfg: TrainConfig) -> list[str]:
 
         for message in dataset_config_problems(cfg.dataset_config, dataclasses.asdict(cfg)):
             bad(message)
+    if cfg.cache_latents and not cfg.dataset_config:  # with a dataset_config, each subset is checked above
+        from loralab.data.augment import cache_conflict
+
+        for key in ("color_aug", "random_crop"):
+            if getattr(cfg, key):
+                bad(cache_conflict(key))
     return problems
 
 

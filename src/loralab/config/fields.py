@@ -60,7 +60,8 @@ class TrainConfig:
     token_warmup_min: int = _f(1, "token warmup: flexible tags trained at step 0", group="dataset")
     token_warmup_step: float = _f(0.0, "token warmup: steps (or a fraction < 1 of all steps) until every tag is "
                                   "trained; 0 = off", group="dataset")
-    color_aug: bool = _f(False, "random hue shift of each image (kohya; no latent cache)", group="dataset")
+    color_aug: bool = _f(False, "kohya's colour augmentation: a random hue shift or gamma on a third of the steps (no "
+                         "latent cache)", group="dataset")
     random_crop: bool = _f(False, "random crop position instead of the centre (kohya; no latent cache)", group="dataset")
     dataset_config: str = _f("", "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]) instead of "
                              "train_data_dir / reg_data_dir", group="dataset")

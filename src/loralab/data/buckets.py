@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ class BucketChoice:
     bucket: (w, h) the training resolution of the batch this image is in.
     resized: (w, h) the image is first resized to this (it covers the bucket: each side >= the bucket's).
     crop_ltrb: (left, top, right, bottom) the centered crop box in the *resized* image;
-        right - left == bucket width and bottom - top == bucket height.
+        right - left == bucket width and bottom - top == bucket height (random_crop draws another box
+        of the same size each step: `random_crop_box`).
     ar_error: bucket aspect ratio minus image aspect ratio (kohya's signed value).
     image_size: (w, h) the original image size this choice was made for.
     """
@@ -146,6 +148,24 @@ def center_crop_box(resized: Size, bucket: Size) -> tuple[int, int, int, int]:
     return left, top, left + bw, top + bh
 
 
+def random_crop_box(resized: Size, bucket: Size, rng: random.Random) -> tuple[int, int, int, int]:
+    """kohya's `random_crop`: the crop of a resized image back to its bucket at a random place instead of
+    the centre (kohya `trim_and_resize_if_required` with random_crop).
+
+    Rule: for each side longer than the bucket's, width first then height, the offset is
+    `rng.randint(0, excess)` (both ends included: flush left/top up to flush right/bottom); a side with no
+    excess gets 0 and draws nothing. Returns (left, top, right, bottom) in resized-image pixels, the same
+    size as the bucket (`center_crop_box` is the same box with `excess // 2`).
+    """
+    rw, rh = resized
+    bw, bh = bucket
+    if rw < bw or rh < bh:
+        raise ValueError(f"resized size {resized} does not cover bucket {bucket}")
+    left = rng.randint(0, rw - bw) if rw > bw else 0
+    top = rng.randint(0, rh - bh) if rh > bh else 0
+    return left, top, left + bw, top + bh
+
+
 def kohya_crop_ltrb(bucket: Size, image_size: Size) -> tuple[int, int, int, int]:
     """kohya's `crop_ltrb` value (`BucketManager.get_crop_ltrb`): what its latent cache stores under
     `crop_ltrb` and what SDXL's crop conditioning reads.
@@ -188,7 +208,8 @@ def select_bucket(
       side floored to a multiple of `bucket_reso_steps`.
     `enable_bucket=False` is the default mode with `buckets=[resolution]`: resize to cover, then
     center-crop.
-    Then the excess is cropped, centered (`center_crop_box`).
+    Then the excess is cropped, centered (`center_crop_box`); with random_crop each step cuts its own box
+    instead (`random_crop_box`).
     """
     iw, ih = image_size
     if iw <= 0 or ih <= 0:

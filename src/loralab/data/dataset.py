@@ -61,8 +61,9 @@ class ImageEntry:
 class Subset:
     """One `<repeats>_<class tokens>` folder, or one `[[datasets.subsets]]` of a dataset_config.
 
-    `caption_options` and `flip_aug` are a dataset_config subset's own (its keys merged with those of its
-    dataset, [general] and the training config); None, as in a folder dataset, means the run's."""
+    `caption_options`, `flip_aug`, `color_aug` and `random_crop` are a dataset_config subset's own (its keys
+    merged with those of its dataset, [general] and the training config); None, as in a folder dataset,
+    means the run's (`subset_flag`)."""
 
     dir: Path
     name: str  # the folder's basename, the key of ss_dataset_dirs / ss_tag_frequency
@@ -72,10 +73,19 @@ class Subset:
     images: list[ImageEntry] = field(default_factory=list, repr=False)
     caption_options: CaptionOptions | None = field(default=None, repr=False)
     flip_aug: bool | None = None
+    color_aug: bool | None = None
+    random_crop: bool | None = None
 
     @property
     def img_count(self) -> int:
         return len(self.images)
+
+
+def subset_flag(subset: Subset, name: str, run_value: bool) -> bool:
+    """A per-subset switch (`flip_aug`, `color_aug`, `random_crop`): the subset's own value when it has one
+    (a dataset_config subset), else the run's (`run_value`, the training config's)."""
+    own = getattr(subset, name)
+    return bool(run_value) if own is None else bool(own)
 
 
 # ----------------------------------------------------------------------------------------- scanning
@@ -405,8 +415,9 @@ class FolderDataset:
       `random.Random(seed + epoch)`, from the same starting order every epoch, so any epoch can be
       rebuilt on resume. (kohya shuffles cumulatively with the global `random` and its DataLoader
       shuffles again, so its exact order cannot be reproduced; the structure is the same.)
-    - Flip augmentation is the caller's: it draws a flip per sample and passes it to
-      `prepare_image` / `LatentCache.get`.
+    - Flip, colour and crop augmentation are the caller's: it draws a flip per sample and passes it to
+      `prepare_image` / `LatentCache.get`, and with color_aug / random_crop a `data/augment.py`
+      `PixelAugment` to `prepare_image`.
     `required_reso_steps` is the multiple that the model family wants for bucket_reso_steps
     (64 for SD 1.x/2.x, 32 for SDXL); other steps only warn.
     Each image in use whose size is degenerate (`degenerate_image`: too small, extreme aspect ratio) gets

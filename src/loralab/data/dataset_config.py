@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loralab.data.augment import cache_conflict
 from loralab.data.captions import CaptionOptions
 from loralab.data.dataset import Subset, scan_subset
 from loralab.errors import LoralabError
@@ -137,8 +138,6 @@ RENAMED = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats", "
 
 NOT_IMPLEMENTED = "not implemented in loralab yet"
 _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {  # key: (is the value a request?, what to say)
-    "color_aug": (bool, f"{NOT_IMPLEMENTED}; remove it or set it to False"),
-    "random_crop": (bool, f"{NOT_IMPLEMENTED}; remove it or set it to False"),
     "network_multiplier": (lambda v: v != 1.0, f"{NOT_IMPLEMENTED}; remove it or set it to 1.0"),
     "face_crop_aug_range": (lambda v: True, "face_crop_aug_range is not supported; remove the key"),
     "resize_interpolation": (lambda v: True, "only kohya's default (area down, lanczos up) is supported; remove the key"),
@@ -206,7 +205,8 @@ class SubsetSpec:
         v = self.values
         name = self.image_dir.name or self.image_dir.resolve().name
         return Subset(dir=self.image_dir, name=name, num_repeats=v["num_repeats"], class_tokens=v["class_tokens"] or "",
-                      is_reg=v["is_reg"], caption_options=self.caption_options(), flip_aug=v["flip_aug"])
+                      is_reg=v["is_reg"], caption_options=self.caption_options(), flip_aug=v["flip_aug"],
+                      color_aug=v["color_aug"], random_crop=v["random_crop"])
 
 
 @dataclass
@@ -310,6 +310,10 @@ def _resolve(path: str | Path, defaults: Mapping[str, Any]) -> tuple[DatasetConf
             if varying:
                 bad(s.where, f"{', '.join(varying)}: the caption changes every step, so one cached text-encoder "
                              "output per image would be wrong; turn it off or set cache_text_encoder_outputs = false")
+    if defaults.get("cache_latents") or defaults.get("cache_latents_to_disk"):
+        for s in (s for d in datasets for s in d.subsets):
+            for key in (k for k in ("color_aug", "random_crop") if s.values[k]):
+                bad(s.where, cache_conflict(key))
     return DatasetConfig(p, datasets), problems
 
 
@@ -446,7 +450,7 @@ def _check_image_dir(subset: SubsetSpec, config_path: Path, bad) -> None:
 def scan_dataset_config(dc: DatasetConfig) -> list[list[Subset]]:
     """The scanned subsets of each dataset, in file order (kohya `DreamBoothDataset`): each image folder
     read as `scan_subset` reads one (captions `<stem><caption_extension>`, falling back to class_tokens,
-    else "" with a warning), with the subset's own caption options and flip_aug.
+    else "" with a warning), with the subset's own caption options, flip_aug, color_aug and random_crop.
     Skipped with a warning (as kohya does): num_repeats < 1, a folder already in the same dataset (the
     first one counts; the same folder in another dataset is fine: multi-resolution training), a folder
     without images. A dataset left without training images is an error."""

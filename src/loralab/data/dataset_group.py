@@ -104,8 +104,9 @@ def datasets_metadata(group: DatasetGroup) -> tuple[list[dict[str, Any]], dict, 
         for s in d.subsets:
             o = s.caption_options
             subsets.append({
-                "img_count": s.img_count, "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": bool(s.flip_aug),
-                "random_crop": False, "shuffle_caption": o.shuffle_caption if o else False,
+                "img_count": s.img_count, "num_repeats": s.num_repeats, "color_aug": bool(s.color_aug),
+                "flip_aug": bool(s.flip_aug), "random_crop": bool(s.random_crop),
+                "shuffle_caption": o.shuffle_caption if o else False,
                 "keep_tokens": o.keep_tokens if o else 0, "keep_tokens_separator": o.keep_tokens_separator if o else "",
                 "secondary_separator": o.secondary_separator if o else None,
                 "enable_wildcard": o.enable_wildcard if o else False, "caption_prefix": o.caption_prefix if o else None,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from loralab.data.augment import PixelAugment, apply_color_aug
 from loralab.data.buckets import BucketChoice
 from loralab.errors import LoralabError
 
@@ -185,20 +186,25 @@ def resize_interpolation(image_size: tuple[int, int], resized: tuple[int, int]) 
     return Image.Resampling.LANCZOS
 
 
-def resize_and_crop(img: Image.Image, choice: BucketChoice) -> Image.Image:
-    """Resize to `choice.resized` (kohya's default interpolation), then crop `choice.crop_ltrb`."""
+def resize_and_crop(img: Image.Image, choice: BucketChoice,
+                    crop_ltrb: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """Resize to `choice.resized` (kohya's default interpolation), then crop `crop_ltrb` (a random_crop
+    box), else `choice.crop_ltrb` (the centred one)."""
     if img.size != choice.resized:
         img = img.resize(choice.resized, resize_interpolation(img.size, choice.resized))
     if img.size != choice.bucket:
-        img = img.crop(choice.crop_ltrb)
+        img = img.crop(crop_ltrb or choice.crop_ltrb)
     return img
 
 
-def prepare_image(path_or_img: str | Path | Image.Image, choice: BucketChoice, flip: bool = False) -> "torch.Tensor":
+def prepare_image(path_or_img: str | Path | Image.Image, choice: BucketChoice, flip: bool = False,
+                  augment: PixelAugment | None = None) -> "torch.Tensor":
     """The training pixels of one image: float32 tensor (3, H, W) in [-1, 1] at the bucket size.
 
-    Load as RGB, resize to `choice.resized`, crop `choice.crop_ltrb`, then mirror horizontally when
-    `flip` (kohya flips after the crop). The image must still have the size the bucket was chosen for.
+    Load as RGB, resize to `choice.resized`, crop (`augment.crop_ltrb` when random_crop drew one, else
+    `choice.crop_ltrb`), change the colours of the cropped pixels (`augment.color`, kohya's color_aug),
+    then mirror horizontally when `flip`: kohya's order. The image must still have the size the bucket was
+    chosen for.
     """
     import torch
 
@@ -211,7 +217,9 @@ def prepare_image(path_or_img: str | Path | Image.Image, choice: BucketChoice, f
             f"{where}: the image is {img.size[0]}x{img.size[1]} but was {choice.image_size[0]}x{choice.image_size[1]} "
             f"when the dataset was scanned; it changed during the run. Start the run again"
         )
-    img = resize_and_crop(img, choice)
+    img = resize_and_crop(img, choice, augment.crop_ltrb if augment is not None else None)
+    if augment is not None and augment.color is not None:
+        img = Image.fromarray(apply_color_aug(np.asarray(img), augment.color), "RGB")
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(img, dtype=np.float32)

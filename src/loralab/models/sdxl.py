@@ -20,7 +20,8 @@ import torch
 Size = tuple[int, int]
 
 
-def sdxl_time_ids(image_size: Size, bucket: Size, flipped: bool = False) -> tuple[int, int, int, int, int, int]:
+def sdxl_time_ids(image_size: Size, bucket: Size, flipped: bool = False,
+                  crop_top_left: tuple[int, int] | None = None) -> tuple[int, int, int, int, int, int]:
     """The six SDXL micro-conditioning numbers of one training image, kohya's rule matched exactly:
     (original_h, original_w, crop_top, crop_left, target_h, target_w).
 
@@ -36,7 +37,9 @@ def sdxl_time_ids(image_size: Size, bucket: Size, flipped: bool = False) -> tupl
     - Every number is truncated with int() at the end, as kohya builds its LongTensors.
     kohya uses this box in all its bucketed paths (images and cached latents) and in the cached-latent path
     without buckets. Its uncached path without buckets uses the box (0, 0, 0, 0), which mirrors to a left
-    of target_w (a kohya quirk); we use the rule above there too, which gives (0, 0) for such images."""
+    of target_w (a kohya quirk); we use the rule above there too, which gives (0, 0) for such images.
+    `crop_top_left` (a random_crop image: `random_crop_top_left`) replaces the rule above; kohya keeps the
+    letterbox value there too (its code says it has no idea what to put for a random crop)."""
     iw, ih = image_size
     bw, bh = bucket
     bucket_ar = bw / bh
@@ -49,14 +52,28 @@ def sdxl_time_ids(image_size: Size, bucket: Size, flipped: bool = False) -> tupl
     top = (bh - fitted_h) // 2
     right = left + fitted_w
     crop_left = bw - right if flipped else left
+    if crop_top_left is not None:
+        top, crop_left = crop_top_left
     return int(ih), int(iw), int(top), int(crop_left), int(bh), int(bw)
 
 
+def random_crop_top_left(crop_ltrb: tuple[int, int, int, int], resized: Size, flipped: bool = False) -> tuple[int, int]:
+    """crop_top_left of an image cut at a random place (random_crop): what SDXL's conditioning means, the
+    pixels cut away above and to the left of the crop in the resized image, (top, left) of `crop_ltrb`.
+    Flipped (mirrored after the crop): the pixels cut to the right become the left ones, left = resized_w - right.
+    So the model is told where each random crop was taken (kohya passes its fixed letterbox value instead)."""
+    left, top, right, _ = crop_ltrb
+    return int(top), int(resized[0] - right if flipped else left)
+
+
 def batch_time_ids(image_sizes: Sequence[Size], buckets: Sequence[Size], flips: Sequence[bool],
-                   device: torch.device | str | None = None) -> torch.Tensor:
-    """`time_ids` (B, 6) int64 of a training batch (`sdxl_time_ids` per image). Kept integer like kohya's
-    LongTensors: the UNet embeds them in float32, so large sizes are not rounded by fp16/bf16."""
-    rows = [sdxl_time_ids(s, b, f) for s, b, f in zip(image_sizes, buckets, flips)]
+                   device: torch.device | str | None = None,
+                   crops: Sequence[tuple[int, int] | None] | None = None) -> torch.Tensor:
+    """`time_ids` (B, 6) int64 of a training batch (`sdxl_time_ids` per image; `crops`: each image's
+    crop_top_left of a random crop, or None for the rule). Kept integer like kohya's LongTensors: the UNet
+    embeds them in float32, so large sizes are not rounded by fp16/bf16."""
+    crops = crops if crops is not None else [None] * len(image_sizes)
+    rows = [sdxl_time_ids(s, b, f, c) for s, b, f, c in zip(image_sizes, buckets, flips, crops)]
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 

@@ -415,12 +415,18 @@ def encode_images(run: Run, images: torch.Tensor) -> torch.Tensor:
 
 
 def cache_latents(run: Run) -> None:
-    """cache_latents(_to_disk): every image (and its flip) encoded once, in memory or next to the image."""
+    """cache_latents(_to_disk): every image (and its flip) encoded once, in memory or next to the image.
+    Refused when a subset uses color_aug or random_crop (kohya's rule; config_problems reports it first)."""
+    from loralab.data.augment import cache_conflict
+    from loralab.data.dataset import subset_flag
     from loralab.data.latents import cache_latents as build_cache
 
     cfg = run.cfg
     if not cfg.cache_latents:
         return
+    for key in ("color_aug", "random_crop"):  # kohya `is_latent_cacheable`
+        if any(subset_flag(s, key, getattr(cfg, key)) for s in run.subsets):
+            raise LoralabError(cache_conflict(key))
     vae_id = f"{Path(cfg.vae or cfg.pretrained_model_name_or_path).name}:{run.model.model_hash[:16]}"
     flip_aug = any(s.flip_aug for s in run.subsets) if cfg.dataset_config else cfg.flip_aug  # per subset there
     run.latent_cache = build_cache(run.dataset.samples, lambda x: encode_images(run, x),

@@ -1,9 +1,9 @@
 """One training step: the diffusion loss of a batch, then the optimizer step.
 
-Randomness: every random draw of a step (caption shuffle and dropout, flips, noise, timesteps, LoRA
-dropouts, VAE sampling) comes from generators seeded by `step_seed(seed, global step, micro-batch,
-process)`, so a run resumed from a state folder continues exactly as the straight run would have, and
-two runs with the same config give the same weights.
+Randomness: every random draw of a step (caption shuffle and dropout, flips, random crops and colour
+changes, noise, timesteps, LoRA dropouts, VAE sampling) comes from generators seeded by `step_seed(seed,
+global step, micro-batch, process)`, so a run resumed from a state folder continues exactly as the
+straight run would have, and two runs with the same config give the same weights.
 
 Model families: SD 1.x / 2.x and SDXL go through the same step. SDXL differs only where the model does:
 two text encoders, their joined hidden states plus a pooled embedding (`models/text.py`), and each
@@ -28,14 +28,43 @@ def step_seed(seed: int, global_step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + global_step * 9_973 + micro * 101 + rank * 7 + 12_345) % (2**63 - 1)
 
 
-def batch_latents(run: Run, batch: list, flips: list[bool]) -> torch.Tensor:
-    """The batch's latents: from the latent cache, or the images encoded now."""
+def batch_latents(run: Run, batch: list, flips: list[bool], augments: list | None = None) -> torch.Tensor:
+    """The batch's latents: from the latent cache, or the images encoded now, each with its flip and its
+    `augments` entry (`data/augment.py` PixelAugment: random crop box, colour change; None: neither)."""
     from loralab.data.images import prepare_image
 
+    augments = augments or [None] * len(batch)
     if run.latent_cache is not None:
+        if any(a is not None for a in augments):  # config_problems refuses this combination
+            raise LoralabError("color_aug / random_crop cannot be used with cached latents")
         return torch.stack([run.latent_cache.get(s, flipped=f) for s, f in zip(batch, flips)]).to(run.device)
-    images = torch.stack([prepare_image(s.entry.path, s.choice, flip=f) for s, f in zip(batch, flips)])
+    images = torch.stack([prepare_image(s.entry.path, s.choice, flip=f, augment=a)
+                          for s, f, a in zip(batch, flips, augments)])
     return encode_images(run, images)
+
+
+def pixel_augments(run: Run, batch: list, rng: random.Random) -> list:
+    """Each sample's random crop and colour change for this step (`data/augment.py` draw_pixel_augment), with
+    its subset's color_aug / random_crop (a dataset_config subset's own, else the config's), drawn from the
+    step's seeded `rng`; None for a sample with both off, which draws nothing."""
+    from loralab.data.augment import draw_pixel_augment
+    from loralab.data.dataset import subset_flag
+
+    cfg = run.cfg
+    return [draw_pixel_augment(s.choice, color_aug=subset_flag(s.entry.subset, "color_aug", cfg.color_aug),
+                               random_crop=subset_flag(s.entry.subset, "random_crop", cfg.random_crop), rng=rng)
+            for s in batch]
+
+
+def sdxl_time_ids(run: Run, batch: list, flips: list[bool], augments: list) -> torch.Tensor:
+    """SDXL's size and crop micro-conditioning of the batch (`models/sdxl.py`): kohya's rule, except that a
+    random crop's crop_top_left is where that crop was cut (`random_crop_top_left`)."""
+    from loralab.models.sdxl import batch_time_ids, random_crop_top_left
+
+    crops = [None if a is None or a.crop_ltrb is None else random_crop_top_left(a.crop_ltrb, s.choice.resized, f)
+             for s, f, a in zip(batch, flips, augments)]
+    return batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch], flips, run.device,
+                          crops=crops)
 
 
 def text_conditioning(run: Run, captions: list[str], cached: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -60,12 +89,11 @@ def trains_text_encoder_now(run: Run) -> bool:
 def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.Generator) -> torch.Tensor:
     """The weighted diffusion loss of one batch of dataset samples (a scalar):
 
-        captions (kohya's pipeline) and flips → latents → text conditioning (+ SDXL size/crop ids)
+        captions (kohya's pipeline), flips, crops and colours → latents → text conditioning (+ SDXL size/crop ids)
         → noise, timesteps, noisy latents → UNet → target (ε or v) → per-sample loss (loss_type,
         reg images × prior_loss_weight, SNR weights: min-SNR, v-pred scales, debiased) → mean.
     """
     from loralab.data.captions import process_caption
-    from loralab.models.sdxl import batch_time_ids
     from loralab.train import noise as N
 
     cfg = run.cfg
@@ -74,12 +102,12 @@ def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.G
                 for s in batch]
     flips = [(cfg.flip_aug if s.entry.subset.flip_aug is None else s.entry.subset.flip_aug) and rng.random() < 0.5
              for s in batch]  # a dataset_config subset's own flip_aug
-    latents = batch_latents(run, batch, flips)
+    augments = pixel_augments(run, batch, rng)  # color_aug / random_crop: no draw when both are off
+    latents = batch_latents(run, batch, flips, augments)
     with torch.set_grad_enabled(trains_text_encoder_now(run)), run.autocast():
         cond, added = text_conditioning(run, captions)
     if run.sdxl:  # each image's original size, crop and target size (kohya's micro-conditioning)
-        added["time_ids"] = batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch], flips,
-                                           run.device)
+        added["time_ids"] = sdxl_time_ids(run, batch, flips, augments)
     noise, noisy, timesteps = N.make_noisy_latents(latents, run.noise_scheduler, **cfg.noise_options(),
                                                    generator=generator)
     weights = N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight).to(run.device)
