@@ -60,6 +60,9 @@ UNSUPPORTED = {"loha-Prodigy.json": "LyCORIS/LoHa", "SDXL - LoHA AI_Characters v
                "sd15 - EDG_LoConOptiSettings.json": "LyCORIS/LoCon"}
 # Keys of these files that loralab refuses for good (build_config's message names them).
 REFUSED = {"SDXL - LoRA kudou-reira prodigy v4.0.json": {"log_with"},  # "wandb"
+           "SDXL - LoRA kudou-reira dadaptadam v1.0.json": {"log_with"},
+           "SDXL - LoRA kudou-reira dadaptadam v1.1.json": {"log_with"},
+           "locon-dadaptation-sdxl.json": {"bucket_reso_steps"},  # 1: buckets must map onto whole latent pixels
            "sd15 - EDG_LoraOptiSettings.json": {"resolution"}}  # 650 is not a multiple of 8
 
 
@@ -363,3 +366,40 @@ def test_the_toml_the_gui_writes_for_sd_scripts_loads_the_same(name, tmp_path):
     from_file, from_keys = build_config(toml), build_config(None, {k: v for k, v in keys.items()
                                                                      if v not in ("", None, False, 0)})
     assert dataclasses.asdict(from_file) == dataclasses.asdict(from_keys)
+
+
+def _all_gui_lora_presets() -> list[Path]:
+    """Every LoRA preset of the GUI (presets/lora/*.json): the ones the table above checks, and the rest."""
+    return sorted([DATA / n for n in [*EXPECTED, *UNSUPPORTED] if " - " in n] + list((DATA / "presets").glob("*.json")))
+
+
+def test_every_gui_lora_preset_is_here():
+    assert len(_all_gui_lora_presets()) == 31  # presets/lora/*.json at kohya_ss 45088f04
+
+
+@pytest.mark.parametrize("path", _all_gui_lora_presets(), ids=lambda p: p.name)
+def test_every_gui_lora_preset_dry_runs_or_says_why_not(path, tmp_path, tiny_sd1_checkpoint):
+    """Each preset, with only its paths replaced (and the tiny model and dataset), goes through everything a
+    run checks before the model loads (`--dry-run`): LoRA / Kohya LoCon presets pass; LyCORIS and FLUX presets
+    give one "not supported" problem; a preset whose value loralab refuses for good names that key."""
+    from loralab.train.dry_run import dry_run
+    from test_train import make_dataset
+
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    c = gui_to_kohya(doc, path.name)
+    lora_type = doc.get("LoRA_type", "Standard")
+    if lora_type.startswith("LyCORIS/") or lora_type == "Flux1" or doc.get("flux1_checkbox"):
+        assert len(c.problems) >= 1 and all("not supported yet" in p or "loralab trains SD 1.x/2.x and SDXL" in p
+                                            for p in c.problems), c.problems
+        return
+    assert c.problems == []
+    img, _ = make_dataset(tmp_path)
+    keys = _with_real_paths(c.keys, c.prompt_text, tmp_path)
+    keys.update(pretrained_model_name_or_path=str(tiny_sd1_checkpoint), train_data_dir=str(img), reg_data_dir="")
+    try:
+        report = dry_run(build_config(None, keys), {})
+    except LoralabError as e:
+        assert _refused_keys(str(e), keys) == REFUSED.get(path.name), str(e)
+        return
+    assert path.name not in REFUSED
+    assert report.endswith("dry run: the config and the dataset are valid; nothing was loaded or written.")
