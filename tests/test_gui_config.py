@@ -231,10 +231,12 @@ def test_epochs_and_steps_precedence():
     assert (k.get("max_train_steps"), k["max_train_epochs"]) == (None, 2)
 
 
-def test_stop_text_encoder_training_cannot_be_expressed_as_steps():
+def test_stop_text_encoder_training_is_dropped_as_the_gui_ignores_it_for_lora():
     c = gui_to_kohya(BASE | {"stop_text_encoder_training": 30}, "x.json")
-    assert len(c.problems) == 1 and c.problems[0].startswith("stop_text_encoder_training = 30 (percent")
-    assert "step count" in c.problems[0] and "stop_text_encoder_training" not in c.keys
+    assert c.problems == [] and "stop_text_encoder_training" not in c.keys
+    assert ("stop_text_encoder_training", "30%: the GUI ignores it for LoRA (\"not yet supported\"), so kohya trained "
+            "the text encoder to the end, as loralab does; use stop_text_encoder_training (steps) to stop earlier"
+            ) in c.dropped
     c = gui_to_kohya(BASE | {"stop_text_encoder_training_pct": 0, "stop_text_encoder_training": 0}, "x.json")
     assert c.problems == [] and "stop_text_encoder_training" not in c.keys
 

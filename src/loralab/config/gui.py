@@ -437,22 +437,15 @@ def _steps_and_warmup(d: dict, conv: GuiConversion) -> None:
 
 
 def _stop_text_encoder(key: str, value: Any, conv: GuiConversion) -> None:
-    """A percent of the steps in the GUI, which ignores it for LoRA (train_model: "not yet supported. Ignoring"),
-    and sd-scripts' train_network.py has no such option: kohya trains the text encoder to the end."""
+    """A percent of the steps in the GUI, which ignores it for LoRA (train_model: "not yet supported. Ignoring",
+    then 0), and sd-scripts' train_network.py gets no such option: kohya trains the text encoder to the end,
+    and so does loralab (the field is dropped with that note)."""
     pct = _as_float(value, 0.0)
-    if pct <= 0:
-        if value is not None:
-            conv.dropped.append((key, "0: the text encoder trains to the end"))
+    if value is None:
         return
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if isinstance(fields["stop_text_encoder_training"].default, float):  # loralab takes a fraction of all steps
-        conv.map(key, "stop_text_encoder_training", pct / 100, f"{pct:g}% of all steps (the GUI itself ignores it "
-                 "for LoRA, so kohya trained the text encoder to the end)")
-        return
-    conv.problems.append(f"{key} = {pct:g} (percent, {conv.source}): loralab's stop_text_encoder_training is a step "
-                         "count; the kohya_ss GUI ignores this field for LoRA (\"not yet supported\"), so kohya "
-                         "trained the text encoder to the end: set it to 0 in the file to train as kohya did, or "
-                         "give stop_text_encoder_training in steps")
+    conv.dropped.append((key, "0: the text encoder trains to the end" if pct <= 0 else
+                         f"{pct:g}%: the GUI ignores it for LoRA (\"not yet supported\"), so kohya trained the text "
+                         "encoder to the end, as loralab does; use stop_text_encoder_training (steps) to stop earlier"))
 
 
 def _optimizer_and_scheduler(d: dict, conv: GuiConversion) -> None:
