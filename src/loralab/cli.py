@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA trainer and troubleshooting lab for Stable Diffusion")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", add_help=False, help="train a LoRA from a kohya config (sd-scripts TOML or kohya_ss GUI JSON)")
+    t = sub.add_parser("train", add_help=False,
+                       help="train a LoRA from a kohya config (sd-scripts TOML or kohya_ss GUI JSON)")
     t.add_argument("--config", "--config_file", dest="config", help="TOML config with kohya argument names")
     t.add_argument("-h", "--help", action="store_true")
     t.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
