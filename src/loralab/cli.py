@@ -179,7 +179,12 @@ def cmd_dataset_clean(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_tokens(args: argparse.Namespace, extra: list[str]) -> int:
-    from loralab.analyze.tokens import dataset_tokens, render_dataset_tokens, render_text_tokens, text_tokens
+    from loralab.analyze.tokens import (
+        dataset_tokens,
+        render_dataset_tokens,
+        render_text_tokens,
+        text_tokens,
+    )
 
     if (args.dataset or args.dataset_config) and args.text:
         raise LoralabError("tokens: give either TEXT or --dataset DIR (or --dataset-config FILE), not both")
