@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from loralab.config.fields import TrainConfig, parse_resolution
+from loralab.config.fields import LORAPLUS_KEYS, TrainConfig, parse_resolution
 from loralab.config.kohya import ALIASES, FOREIGN, alias, foreign_key, suggest
 from loralab.errors import LoralabError
 
@@ -355,6 +355,12 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         for key in ("color_aug", "random_crop"):
             if getattr(cfg, key):
                 bad(cache_conflict(key))
+    for key in LORAPLUS_KEYS:  # LoRA+: top-level key, or network_args (which wins, as in network_options)
+        where = "network_args " if any(str(a).partition("=")[0].strip() == key for a in cfg.network_args) else ""
+        value = opts.get(key, 0.0 if where else getattr(cfg, key))
+        if not value >= 0:  # also refuses nan
+            bad(f"{where}{key}: the lora_up learning rate is lr x this ratio, so it must be 0 (off) or more "
+                f"(kohya's LoRA+ uses 16), got {value}")
     return problems
 
 

@@ -22,6 +22,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
               "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay", "piecewise_constant", "adafactor")
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
             "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
 @dataclass
@@ -79,11 +80,18 @@ class TrainConfig:
     network_dim: int = _f(4, "LoRA rank", group="network")
     network_alpha: float = _f(1.0, "LoRA alpha; scale = alpha / dim", group="network")
     network_dropout: float = _f(0.0, "dropout on the LoRA down projection (training only)", group="network")
-    network_args: list = _f([], "kohya network_args 'k=v' list: conv_dim, conv_alpha, rank_dropout, module_dropout", group="network")
+    network_args: list = _f([], "kohya network_args 'k=v' list: conv_dim, conv_alpha, rank_dropout, module_dropout, "
+                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio", group="network")
     conv_dim: int = _f(0, "rank for the ResNet 3x3 convs (LoCon); 0 = off", group="network")
     conv_alpha: float = _f(1.0, "alpha for conv_dim", group="network")
     rank_dropout: float = _f(0.0, "drop each rank with this probability (training only)", group="network")
     module_dropout: float = _f(0.0, "skip a whole LoRA module with this probability (training only)", group="network")
+    loraplus_lr_ratio: float = _f(0.0, "LoRA+: the lora_up (B) weights train at lr x this ratio (kohya network_args; "
+                                  "16 is the paper's value; 0 = off)", group="network")
+    loraplus_unet_lr_ratio: float = _f(0.0, "LoRA+ ratio for the UNet only (overrides loraplus_lr_ratio; 0 = use it)",
+                                       group="network")
+    loraplus_text_encoder_lr_ratio: float = _f(0.0, "LoRA+ ratio for the text encoders only (overrides "
+                                               "loraplus_lr_ratio; 0 = use it)", group="network")
     scale_weight_norms: float = _f(0.0, "max-norm: scale down any module whose |dW| exceeds this (0 = off)", group="network")
     network_weights: str = _f("", "continue from this LoRA file (its own dims and alphas)", group="network")
     network_train_unet_only: bool = _f(False, "train only the UNet LoRA", group="network")
@@ -199,9 +207,12 @@ class TrainConfig:
         return not self.network_train_unet_only and any(lr != 0 for lr in lrs)
 
     def network_options(self) -> dict[str, Any]:
-        """conv_dim, conv_alpha, rank_dropout, module_dropout: network_args win over top-level keys (kohya puts them there)."""
+        """conv_dim, conv_alpha, rank_dropout, module_dropout and the three LoRA+ ratios: network_args win over
+        top-level keys (kohya puts them there)."""
         out = {"conv_dim": self.conv_dim, "conv_alpha": self.conv_alpha, "rank_dropout": self.rank_dropout,
-               "module_dropout": self.module_dropout}
+               "module_dropout": self.module_dropout, "loraplus_lr_ratio": self.loraplus_lr_ratio,
+               "loraplus_unet_lr_ratio": self.loraplus_unet_lr_ratio,
+               "loraplus_text_encoder_lr_ratio": self.loraplus_text_encoder_lr_ratio}
         for item in self.network_args:
             key, _, value = str(item).partition("=")
             key = key.strip()
@@ -211,7 +222,17 @@ class TrainConfig:
                 out[key] = type(out[key])(float(value)) if key != "conv_dim" else int(float(value))
             except ValueError:
                 raise LoralabError(f"network_args: {item!r} needs a number after '='") from None
+        for key in LORAPLUS_KEYS:  # like kohya's net_kwargs, only when set (so ss_network_args is as before)
+            if not out[key]:
+                del out[key]
         return out
+
+    def loraplus_ratios(self) -> tuple[float | None, float | None]:
+        """(UNet, text encoder) LoRA+ ratios, kohya's `loraplus_unet_lr_ratio or loraplus_lr_ratio` (and the
+        same for the text encoder); None (off) where neither is set."""
+        opts = self.network_options()
+        ratio = opts.get("loraplus_lr_ratio") or None
+        return (opts.get("loraplus_unet_lr_ratio") or ratio, opts.get("loraplus_text_encoder_lr_ratio") or ratio)
 
     def network_config(self, train_unet: bool | None = None):
         """The LoRA network's shape and dropouts (network/lora.py NetworkConfig)."""

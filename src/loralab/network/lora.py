@@ -221,7 +221,8 @@ class LoRANetwork(nn.Module):
             m.multiplier = float(multiplier)
 
     def param_groups(self, unet_lr: float | None = None, text_encoder_lr: float | Sequence[float] | None = None,
-                     learning_rate: float | None = None) -> list[dict]:
+                     learning_rate: float | None = None, loraplus_unet_ratio: float | None = None,
+                     loraplus_text_encoder_ratio: float | None = None) -> list[dict]:
         """Optimizer param groups, kohya's `prepare_optimizer_params`.
 
         Text encoder group ("textencoder") at `text_encoder_lr`, UNet group ("unet") at `unet_lr`; a None lr
@@ -233,10 +234,16 @@ class LoRANetwork(nn.Module):
         `prepare_optimizer_params_with_multiple_te_lrs`: one value serves both): on SDXL two different values
         give groups "textencoder1" (lora_te1) and "textencoder2" (lora_te2) in that order, each dropped at 0;
         equal values, or a model with one text encoder (which takes the first value), give the one group.
+
+        LoRA+ (kohya's `assemble_params`): with a ratio for that side (None or 0: off), each part splits in
+        two groups, "<name>" (lora_down, and whatever else is not lora_up) at lr and "<name> plus" (every
+        lora_up weight, LoCon convs included) at lr x ratio, in that order; kohya's log names are then
+        `lr/unet plus`, `lr/textencoder plus`. Without ratios the groups are exactly the ones above.
         """
         self.requires_grad_(True)
         groups = []
-        for name, loras, lr in (*self._text_encoder_parts(text_encoder_lr), ("unet", self.unet_loras, unet_lr)):
+        te_parts = [(*part, loraplus_text_encoder_ratio) for part in self._text_encoder_parts(text_encoder_lr)]
+        for name, loras, lr, ratio in (*te_parts, ("unet", self.unet_loras, unet_lr, loraplus_unet_ratio)):
             if not loras:
                 continue
             lr = learning_rate if lr is None else lr
@@ -245,8 +252,15 @@ class LoRANetwork(nn.Module):
                     m.requires_grad_(False)
                 log.info("%s LoRA: learning rate %s, not trained", name, lr)
                 continue
-            groups.append({"params": [p for m in loras for p in m.parameters()], "lr": float(lr), "name": name})
-        return groups
+            if not ratio:
+                groups.append({"params": [p for m in loras for p in m.parameters()], "lr": float(lr), "name": name})
+                continue
+            named = [(n, p) for m in loras for n, p in m.named_parameters()]
+            groups.append({"params": [p for n, p in named if "lora_up" not in n], "lr": float(lr), "name": name})
+            groups.append({"params": [p for n, p in named if "lora_up" in n], "lr": float(lr) * float(ratio),
+                           "name": f"{name} plus"})
+            log.info("%s LoRA+: lora_up at learning rate %s x %s", name, lr, ratio)
+        return [g for g in groups if g["params"]]
 
     def _text_encoder_parts(self, lr: float | Sequence[float] | None) -> list[tuple[str, list, float | None]]:
         """(group name, modules, lr) of the text encoders for `param_groups`."""

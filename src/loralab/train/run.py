@@ -376,13 +376,15 @@ def setup_network(run: Run) -> None:
 
 def lora_param_groups(run: Run) -> list[dict]:
     """The network's parameter groups with kohya's learning rates: unet_lr / text_encoder_lr, falling back
-    to learning_rate; a side that is not trained gets none."""
+    to learning_rate; a side that is not trained gets none; LoRA+ ratios split off the lora_up groups."""
     cfg = run.cfg
     unet_lr = cfg.unet_lr if cfg.unet_lr >= 0 else None
     te_lr = cfg.text_encoder_lr  # a list: one value per text encoder (SDXL), each >= 0
     te_lr = te_lr if isinstance(te_lr, list) or te_lr >= 0 else None
+    unet_ratio, te_ratio = cfg.loraplus_ratios()  # LoRA+: lora_up groups at lr x ratio (None: off)
     return run.network.param_groups(unet_lr=unet_lr if run.train_unet else 0,
-                                    text_encoder_lr=te_lr if run.train_te else 0, learning_rate=cfg.learning_rate)
+                                    text_encoder_lr=te_lr if run.train_te else 0, learning_rate=cfg.learning_rate,
+                                    loraplus_unet_ratio=unet_ratio, loraplus_text_encoder_ratio=te_ratio)
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict], max_steps: int) -> tuple[Any, str, Any]:
