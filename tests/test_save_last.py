@@ -65,6 +65,12 @@ def test_save_last_n_keeps_exactly_kohyas_files_and_states(tmp_path, tiny_sd1_ch
         (4, "lora-000002-state", "save_last_n_epochs"),
     ]
     assert "removed " in caplog.text and "lora-000001.safetensors (save_last_n_epochs)" in caplog.text
+    from loralab.review.runlog import read_run  # `loralab review` says why epochs 1 and 2 have no file
+
+    run = read_run(out)
+    assert [e.epoch for e in run.epochs] == [3, 4, 5]
+    assert run.problems == ["epochs 1, 2 were removed during training by save_last_n_epochs (the log records it): "
+                            "not reviewed"]
 
 
 def test_without_save_state_only_files_are_pruned_and_the_final_file_stays(tmp_path, tiny_sd1_checkpoint):

@@ -156,7 +156,12 @@ def read_run(folder: str | Path, output_name: str = "") -> RunFolder:
     config = dict(starts[-1].get("config") or {}) if starts else {}
     epochs, problems = _epoch_files(folder, name)
     finished = {r["epoch"] for r in records if r.get("kind") == "epoch"}
-    missing = sorted(finished - {e.epoch for e in epochs})
+    removed = removed_epochs(records, name)
+    missing = sorted(finished - {e.epoch for e in epochs} - set(removed))
+    if removed:
+        problems.append(f"epoch{'s' if len(removed) > 1 else ''} {', '.join(map(str, sorted(removed)))} "
+                        f"{'were' if len(removed) > 1 else 'was'} removed during training by "
+                        f"{', '.join(sorted(set(removed.values())))} (the log records it): not reviewed")
     if missing:
         problems.append(f"epoch{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
                         f"finished in the log but {'have' if len(missing) > 1 else 'has'} no readable file "
@@ -214,6 +219,18 @@ def _epoch_files(folder: Path, name: str) -> tuple[list[EpochFile], list[str]]:
         if epoch not in by_epoch or (steps or 0) > (by_epoch[epoch].steps or 0):
             by_epoch[epoch] = ef
     return [by_epoch[e] for e in sorted(by_epoch)], problems
+
+
+def removed_epochs(records: list[dict[str, Any]], name: str) -> dict[int, str]:
+    """{epoch: rule} of the epoch files of run `name` that training removed (save_last_n_epochs: the log's
+    "removed" events name the file and the rule)."""
+    out = {}
+    for r in records:
+        if r.get("kind") == "event" and r.get("event") == "removed":
+            m = _EPOCH_FILE.fullmatch(Path(str(r.get("path", ""))).name)
+            if m and m.group("name") == name:
+                out[int(m.group("num"))] = str(r.get("rule", "save_last_n_epochs"))
+    return out
 
 
 def glob_escape(text: str) -> str:
