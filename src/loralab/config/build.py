@@ -131,6 +131,7 @@ def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] 
     known = _fields(config_class)
     values: dict[str, Any] = {}
     problems: list[str] = []
+    conversion = None
     if toml_path and Path(toml_path).suffix.lower() == ".json":  # a kohya_ss GUI config (config/gui.py)
         from loralab.config.gui import read_gui_config
 
@@ -156,7 +157,7 @@ def build_config(toml_path: str | Path | None = None, overrides: dict[str, Any] 
     cfg = config_class(**kwargs)
     reported = {m.split(" ", 1)[0].rstrip(":") for m in problems}
     problems += [m for m in config_problems(cfg) if m.split(":", 1)[0] not in reported]
-    if toml_path and Path(toml_path).suffix.lower() == ".json":
+    if conversion is not None:
         problems += family_problems(cfg, conversion.expected_family, str(toml_path))
     raise_problems(problems)
     if hasattr(cfg, "validate"):
@@ -251,6 +252,15 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     """The problems of a config, in key order, as messages that name the key."""
     problems: list[str] = []
     bad = problems.append
+    _choice_and_path_problems(cfg, bad)
+    opts = _range_problems(cfg, bad)
+    _combination_problems(cfg, bad)
+    _kohya_option_problems(cfg, opts, bad)
+    return problems
+
+
+def _choice_and_path_problems(cfg: TrainConfig, bad) -> None:
+    """Values outside a key's choices; missing model, dataset and other paths."""
     for f in fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
@@ -265,6 +275,10 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         value = getattr(cfg, key)
         if value and not Path(value).exists():
             bad(f"{key}: {value} does not exist")
+
+
+def _range_problems(cfg: TrainConfig, bad) -> dict[str, Any]:
+    """Numbers outside their range; returns the network options (network_args over top-level keys)."""
     w, h = cfg.resolution_wh()
     if w % 8 or h % 8 or w <= 0 or h <= 0:
         bad(f"resolution: {w},{h} must be positive multiples of 8")
@@ -301,6 +315,11 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         bad("ip_noise_gamma, token_warmup_step, token_warmup_min: must be 0 or more")
     if cfg.clip_skip < 0:
         bad(f"clip_skip: must be 0 or more, got {cfg.clip_skip}")
+    return opts
+
+
+def _combination_problems(cfg: TrainConfig, bad) -> None:
+    """Keys that do not go together (kohya's rules); the caches' implied keys are set here."""
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
         cfg.cache_latents = True  # kohya: to_disk implies cache_latents
     if cfg.cache_text_encoder_outputs_to_disk and not cfg.cache_text_encoder_outputs:
@@ -317,6 +336,11 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         bad("min_bucket_reso/max_bucket_reso: min must not exceed max")
     if cfg.save_every_n_epochs < 0 or cfg.save_every_n_steps < 0:
         bad("save_every_n_epochs/save_every_n_steps: must be 0 or more")
+
+
+def _kohya_option_problems(cfg: TrainConfig, opts: dict[str, Any], bad) -> None:
+    """The later kohya options: loss types, v-prediction losses, full half precision, schedulers, save_last_n,
+    dataset_config, augmentations against the latent cache, LoRA+."""
     for key in ("huber_c", "huber_scale"):
         if getattr(cfg, key) <= 0:
             bad(f"{key}: must be more than 0, got {getattr(cfg, key)}")
@@ -361,7 +385,6 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         if not value >= 0:  # also refuses nan
             bad(f"{where}{key}: the lora_up learning rate is lr x this ratio, so it must be 0 (off) or more "
                 f"(kohya's LoRA+ uses 16), got {value}")
-    return problems
 
 
 def _check_text_encoder_cache(cfg: TrainConfig) -> None:

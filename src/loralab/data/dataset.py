@@ -132,6 +132,18 @@ def _warn_links(folder: Path, suffixes: Sequence[str] | None = None) -> None:
         log.warning("%s: %s: %s", path, words, SKIPPED_LINK)
 
 
+def _warn_degenerate(samples: Sequence, resolution: tuple[int, int]) -> None:
+    """One warning per image `degenerate_image` finds wrong by its size (each sample is one file), five named,
+    then a count."""
+    lines = [f"{s.entry.path}: {words}" for s in samples
+             for _code, words in degenerate_image(s.entry.size, s.choice, resolution)]
+    for line in lines[:_SHOW]:
+        log.warning("%s", line)
+    if len(lines) > _SHOW:
+        log.warning("... and %d more images too small or too narrow for this resolution; `loralab dataset check` "
+                    "lists them all", len(lines) - _SHOW)
+
+
 def caption_path(image_path: Path, caption_extension: str) -> Path:
     """The caption file of an image: `<image stem><caption_extension>` next to it (kohya rule)."""
     return image_path.with_name(image_path.stem + caption_extension)
@@ -475,20 +487,14 @@ class FolderDataset:
             registered += reg_balancing(reg_entries, self.num_train_images)
 
         self.samples: list[Sample] = []
-        degenerate: list[str] = []
         for entry, repeats in registered:
             try:
                 choice = self.candidates.choose(entry.size)
             except LoralabError as err:
                 raise LoralabError(f"{entry.path}: {err}") from err
             self.samples.append(Sample(entry=entry, choice=choice, is_reg=entry.subset.is_reg, repeats=repeats))
-            if warn_degenerate:  # once per file: each entry is registered once
-                degenerate += [f"{entry.path}: {words}" for _code, words in degenerate_image(entry.size, choice, resolution)]
-        for line in degenerate[:_SHOW]:
-            log.warning("%s", line)
-        if len(degenerate) > _SHOW:
-            log.warning("... and %d more images too small or too narrow for this resolution; `loralab dataset check` "
-                        "lists them all", len(degenerate) - _SHOW)
+        if warn_degenerate:
+            _warn_degenerate(self.samples, resolution)
         self.num_reg_samples = sum(s.repeats for s in self.samples if s.is_reg)
 
         # bucket contents: sample indices x repeats, buckets sorted by resolution (kohya BucketManager.sort)
