@@ -94,13 +94,14 @@ def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.G
         reg images × prior_loss_weight, SNR weights: min-SNR, v-pred scales, debiased) → mean.
     """
     from loralab.data.captions import process_caption
+    from loralab.data.dataset import subset_flag
     from loralab.train import noise as N
 
     cfg = run.cfg
     captions = [process_caption(s.entry.caption, s.entry.subset.caption_options or run.caption_opts,  # a subset's own
                                 epoch=run.epoch + 1, rng=rng, step=run.global_step, max_train_steps=run.max_steps)
                 for s in batch]
-    flips = [(cfg.flip_aug if s.entry.subset.flip_aug is None else s.entry.subset.flip_aug) and rng.random() < 0.5
+    flips = [subset_flag(s.entry.subset, "flip_aug", cfg.flip_aug) and rng.random() < 0.5
              for s in batch]  # a dataset_config subset's own flip_aug
     augments = pixel_augments(run, batch, rng)  # color_aug / random_crop: no draw when both are off
     latents = batch_latents(run, batch, flips, augments)
