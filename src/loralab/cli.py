@@ -359,6 +359,47 @@ def _add_generate_parser(sub) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+def cmd_attention(args: argparse.Namespace, extra: list[str]) -> int:
+    from loralab.review.attention import attention
+    from loralab.review.generate import parse_lora_arg
+    from loralab.train.sampling import parse_prompt_line
+
+    prompt = parse_prompt_line(args.prompt, where="prompt")
+    words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else []
+    result = attention(args.model, prompt, args.out, words=words, loras=[parse_lora_arg(t) for t in args.lora],
+                       device=args.device, precision=args.precision, seed=args.seed, sampler=args.sampler,
+                       clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+    for row in result["rows"]:
+        print(f"{row['label']}:")
+        for word, other in row["mass_inside"].items():
+            top = max(other.items(), key=lambda kv: kv[1]) if other else None
+            share = row["words"][word]["region_share"]
+            print(f"  {word!r}: region {share:.0%} of the image"
+                  + (f"; {top[1]:.0%} of its map inside {top[0]!r}" if top else ""))
+    print(f"maps: {args.out}/sheet.png, attention.json")
+    return 0
+
+
+def _add_attention_parser(sub) -> None:
+    a = sub.add_parser("attention", help="where each word of a prompt acts: DAAM cross-attention heat maps",
+                       description="Draws the prompt (kohya line syntax: 'prompt --w 512 --h 512 --d seed --s steps "
+                                   "--l cfg') and, per word, the DAAM heat map of its cross-attention; with --lora, "
+                                   "the base model and the LoRA on the same seed.")
+    a.add_argument("prompt", help="the prompt (kohya line syntax)")
+    a.add_argument("--model", required=True, help="base model: single file or diffusers folder")
+    a.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA file and its weight (default 1.0); repeat to stack")
+    a.add_argument("--words", default="", help="comma-separated words or tags to map (default: each tag of the prompt)")
+    a.add_argument("--out", default="attention", help="output folder (default: attention)")
+    a.add_argument("--seed", type=int, default=0, help="seed when the prompt has no --d (default 0)")
+    a.add_argument("--sampler", default="", help="sampler (default ddim; euler_a for SDXL)")
+    a.add_argument("--clip-skip", type=int, default=0, help="as in training (2 for NAI-style anime models)")
+    a.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225), help="as in training")
+    a.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    a.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    a.set_defaults(func=cmd_attention)
+
+
 def cmd_review(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
@@ -463,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a much smaller run (about a minute)")
     d.set_defaults(func=cmd_demo)
     _add_generate_parser(sub)
+    _add_attention_parser(sub)
     _add_review_parser(sub)
     _add_config_parser(sub)
     _add_analysis_parsers(sub)
