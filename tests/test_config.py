@@ -88,8 +88,10 @@ def test_network_args_in_kohya_syntax(paths):
     cfg = build_config(None, {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data),
                               "network_args": ["conv_dim=8", "conv_alpha=4", "rank_dropout=0.1"]})
     assert cfg.network_options() == {"conv_dim": 8, "conv_alpha": 4.0, "rank_dropout": 0.1, "module_dropout": 0.0}
-    with pytest.raises(LoralabError, match="network_args: unknown argument 'algo'"):
-        TrainConfig(network_args=["algo=loha"]).network_options()
+    with pytest.raises(LoralabError, match="network_args: unknown argument 'algo_'"):
+        TrainConfig(network_args=["algo_=loha"]).network_options()
+    with pytest.raises(LoralabError, match="network_args algo: options of lycoris.kohya, not of networks.lora"):
+        TrainConfig(network_args=["algo=loha"]).network_config()  # LyCORIS's algo needs network_module lycoris.kohya
 
 
 def test_ignored_kohya_keys_are_accepted(tmp_path, paths):

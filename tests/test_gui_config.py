@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from loralab.config import build_config
+from loralab.config.fields import TrainConfig
 from loralab.config.gui import gui_to_kohya, is_gui_config, read_gui_config
 from loralab.errors import LoralabError
 
@@ -56,18 +57,39 @@ EXPECTED = {
     "SDXL - LoRA adafactor v1.0.json": ([], "Adafactor", None, 30, 1600, 1.0, 1.0, 1.0, None, None, "1024,1024",
                                         (True, 64, 2048, 32, None), "bf16", "sdxl"),
 }
-UNSUPPORTED = {"loha-Prodigy.json": "LyCORIS/LoHa", "SDXL - LoHA AI_Characters v1.0.json": "LyCORIS/LoHa",
-               "sd15 - EDG_LoConOptiSettings.json": "LyCORIS/LoCon"}
+# LyCORIS presets: (network_module, network_args) as lora_gui.py writes them
+LYCORIS = {
+    "loha-Prodigy.json": ("lycoris.kohya", ["preset=full", "conv_dim=4", "conv_alpha=4", "use_tucker=False",
+                                            "rank_dropout=0", "bypass_mode=False", "dora_wd=False", "module_dropout=0",
+                                            "use_scalar=False", "rank_dropout_scale=False", "train_norm=False",
+                                            "algo=loha"]),
+    "SDXL - LoHA AI_Characters v1.0.json": ("lycoris.kohya", ["preset=full", "conv_dim=16", "conv_alpha=16",
+                                                              "use_tucker=False", "rank_dropout=0", "bypass_mode=False",
+                                                              "dora_wd=False", "module_dropout=0", "use_scalar=False",
+                                                              "rank_dropout_scale=False", "train_norm=False",
+                                                              "algo=loha"]),
+    "sd15 - EDG_LoConOptiSettings.json": ("lycoris.kohya", ["preset=full", "conv_dim=32", "conv_alpha=1",
+                                                            "use_tucker=False", "rank_dropout=0",
+                                                            "bypass_mode=False", "dora_wd=False",
+                                                            "module_dropout=0", "use_scalar=False",
+                                                            "rank_dropout_scale=False", "train_norm=False",
+                                                            "algo=locon"]),
+}
 # Keys of these files that loralab refuses for good (build_config's message names them).
 REFUSED = {"SDXL - LoRA kudou-reira prodigy v4.0.json": {"log_with"},  # "wandb"
            "SDXL - LoRA kudou-reira dadaptadam v1.0.json": {"log_with"},
            "SDXL - LoRA kudou-reira dadaptadam v1.1.json": {"log_with"},
            "locon-dadaptation-sdxl.json": {"bucket_reso_steps"},  # 1: buckets must map onto whole latent pixels
-           "sd15 - EDG_LoraOptiSettings.json": {"resolution"}}  # 650 is not a multiple of 8
+           "sd15 - EDG_LoraOptiSettings.json": {"resolution"},  # 650 is not a multiple of 8
+           "loha-sd15.json": {"bucket_reso_steps"}, "lokr-sd15.json": {"bucket_reso_steps"},
+           "sd15 - LoKR v1.0.json": {"bucket_reso_steps"}, "sd15 - LoKr v2.0.json": {"bucket_reso_steps"},
+           "sd15 - EDG_LoHaOptiSettings.json": {"resolution"}, "sd15 - EDG_LoConOptiSettings.json": {"resolution"},
+           "sd15 - GLoRA v1.0.json": {"network_args"},  # LyCORIS/LoKr with train_norm=True
+           "sd15 - LoKr v1.1.json": {"network_args"}}  # the same
 
 
 def test_the_copied_files_are_all_here():
-    assert sorted(p.name for p in DATA.glob("*.json")) == sorted([*EXPECTED, *UNSUPPORTED])
+    assert sorted(p.name for p in DATA.glob("*.json")) == sorted([*EXPECTED, *LYCORIS])
     assert "45088f04" in (DATA / "README.md").read_text() and (DATA / "LICENSE.md").is_file()
 
 
@@ -98,14 +120,16 @@ def test_the_kudou_reira_preset_keeps_its_additional_parameters_and_its_noise_gr
     assert ("max_train_steps", "max_train_steps", 1600) in [m[:3] for m in c.mapped]  # missing: the GUI's default
 
 
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
-def test_lycoris_types_give_one_not_supported_problem(name):
+@pytest.mark.parametrize("name", sorted(LYCORIS))
+def test_lycoris_types_convert_as_the_gui_writes_them(name):
     c = convert(name)
-    assert len(c.problems) == 1
-    assert c.problems[0].startswith(f"LoRA_type {UNSUPPORTED[name]!r} is not supported yet (LoRA and LoCon are)")
-    assert "network_module" not in c.keys and "Kohya LoCon" in c.problems[0]
-    if name.startswith("sd15 - EDG_LoCon"):
-        assert "conv_in" in c.problems[0]  # LyCORIS's LoCon is not kohya's
+    assert c.problems == []
+    assert (c.keys["network_module"], c.keys["network_args"]) == LYCORIS[name]
+    cfg = TrainConfig(network_module=c.keys["network_module"], network_args=c.keys["network_args"],
+                      network_dim=c.keys["network_dim"], network_alpha=c.keys["network_alpha"])
+    net = cfg.network_config()
+    assert (net.algo, net.preset, net.conv_dim) == (LYCORIS[name][1][-1].split("=")[1], "full",
+                                                    int(LYCORIS[name][1][1].split("=")[1]))
 
 
 def _with_real_paths(keys: dict, prompt_text: str, tmp_path: Path) -> dict:
@@ -261,8 +285,12 @@ def test_network_args_as_the_gui_writes_them():
                              "down_lr_weight": "sine", "block_dims": "", "loraplus_lr_ratio": 16}, "x.json")
     assert c.keys["network_args"] == ["conv_dim=8", "conv_alpha=4", "down_lr_weight=sine", "loraplus_lr_ratio=16"]
     c = gui_to_kohya(BASE | {"LoRA_type": "LoCon"}, "x.json")  # update_my_data: the old "LoCon" is LyCORIS's
-    assert len(c.problems) == 1 and "'LyCORIS/LoCon' is not supported yet" in c.problems[0]
-    for lora_type in ("Kohya DyLoRA", "LyCORIS/iA3", "LyCORIS/GLoRA", "LyCORIS/Diag-OFT", "Kohya LoKr"):
+    assert c.problems == [] and c.keys["network_module"] == "lycoris.kohya" and "algo=locon" in c.keys["network_args"]
+    c = gui_to_kohya(BASE | {"LoRA_type": "LyCORIS/LoKr", "factor": 8, "dora_wd": True}, "x.json")
+    assert {"factor=8", "dora_wd=True", "use_cp=False", "decompose_both=False", "algo=lokr"} <= set(c.keys["network_args"])
+    c = gui_to_kohya(BASE | {"LoRA_type": "Kohya DyLoRA", "unit": 2, "conv_dim": 0}, "x.json")
+    assert (c.keys["network_module"], c.keys["network_args"]) == ("networks.dylora", ["conv_alpha=1", "unit=2"])  # conv_alpha: the GUI default
+    for lora_type in ("LyCORIS/iA3", "LyCORIS/GLoRA", "LyCORIS/Diag-OFT", "Kohya LoKr"):
         c = gui_to_kohya(BASE | {"LoRA_type": lora_type}, "x.json")
         assert len(c.problems) == 1 and f"LoRA_type {lora_type!r} is not supported yet" in c.problems[0]
 
@@ -372,7 +400,7 @@ def test_the_toml_the_gui_writes_for_sd_scripts_loads_the_same(name, tmp_path):
 
 def _all_gui_lora_presets() -> list[Path]:
     """Every LoRA preset of the GUI (presets/lora/*.json): the ones the table above checks, and the rest."""
-    return sorted([DATA / n for n in [*EXPECTED, *UNSUPPORTED] if " - " in n] + list((DATA / "presets").glob("*.json")))
+    return sorted([DATA / n for n in [*EXPECTED, *LYCORIS] if " - " in n] + list((DATA / "presets").glob("*.json")))
 
 
 def test_every_gui_lora_preset_is_here():
@@ -382,15 +410,19 @@ def test_every_gui_lora_preset_is_here():
 @pytest.mark.parametrize("path", _all_gui_lora_presets(), ids=lambda p: p.name)
 def test_every_gui_lora_preset_dry_runs_or_says_why_not(path, tmp_path, tiny_sd1_checkpoint):
     """Each preset, with only its paths replaced (and the tiny model and dataset), goes through everything a
-    run checks before the model loads (`--dry-run`): LoRA / Kohya LoCon presets pass; LyCORIS and FLUX presets
-    give one "not supported" problem; a preset whose value loralab refuses for good names that key."""
+    run checks before the model loads (`--dry-run`): LoRA / Kohya LoCon / LyCORIS LoCon, LoHa, LoKr presets pass;
+    the other LyCORIS types and FLUX give one "not supported" problem; a preset whose value loralab refuses for
+    good names that key (LoKr presets with train_norm=True: network_args train_norm)."""
     from loralab.train.dry_run import dry_run
     from test_train import make_dataset
 
     doc = json.loads(path.read_text(encoding="utf-8"))
     c = gui_to_kohya(doc, path.name)
     lora_type = doc.get("LoRA_type", "Standard")
-    if lora_type.startswith("LyCORIS/") or lora_type == "Flux1" or doc.get("flux1_checkbox"):
+    from loralab.config.gui import LYCORIS_TYPES
+
+    if (lora_type.startswith("LyCORIS/") and lora_type not in LYCORIS_TYPES) or lora_type == "Flux1" \
+            or doc.get("flux1_checkbox"):
         assert len(c.problems) >= 1 and all("not supported yet" in p or "loralab trains SD 1.x/2.x and SDXL" in p
                                             for p in c.problems), c.problems
         return

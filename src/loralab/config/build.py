@@ -298,6 +298,8 @@ def _range_problems(cfg: TrainConfig, bad) -> dict[str, Any]:
     for key in ("rank_dropout", "module_dropout"):
         if key in opts and not 0.0 <= opts[key] < 1.0:
             bad(f"network_args {key}: must be in [0, 1), got {opts[key]}")
+    if opts and cfg.network_dim >= 1:  # the network type and its options (network/types.py), before any model loads
+        _network_type_problems(cfg, opts, bad)
     if cfg.max_train_epochs < 0 or cfg.max_train_steps < 1 and cfg.max_train_epochs == 0:
         bad("max_train_steps / max_train_epochs: give a positive number of steps or epochs")
     if not 0 <= cfg.min_timestep < cfg.max_timestep <= 1000:
@@ -385,6 +387,19 @@ def _kohya_option_problems(cfg: TrainConfig, opts: dict[str, Any], bad) -> None:
         if not value >= 0:  # also refuses nan
             bad(f"{where}{key}: the lora_up learning rate is lr x this ratio, so it must be 0 (off) or more "
                 f"(kohya's LoRA+ uses 16), got {value}")
+
+
+def _network_type_problems(cfg: TrainConfig, opts: dict[str, Any], bad) -> None:
+    """network_module / network_args of the network type: unknown algo or preset, a bad factor or unit, options
+    of another module, LoRA+ on a type without lora_up weights."""
+    try:
+        net_cfg = cfg.network_config()
+    except LoralabError as e:
+        bad(str(e))
+        return
+    if net_cfg.algo in ("loha", "lokr", "full") and any(opts.get(k) for k in LORAPLUS_KEYS):
+        bad(f"loraplus_lr_ratio: LoRA+ trains the lora_up (B) weights faster; algo = {net_cfg.algo} has none. "
+            "Remove the LoRA+ ratios, or use algo=locon / networks.lora")
 
 
 def _check_text_encoder_cache(cfg: TrainConfig) -> None:

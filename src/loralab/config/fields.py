@@ -76,12 +76,16 @@ class TrainConfig:
     cache_text_encoder_outputs_to_disk: bool = _f(False, "also keep them in <stem>_te_outputs.npz next to the images "
                                                   "(implies cache_text_encoder_outputs)", group="dataset")
     # --- network
-    network_module: str = _f("networks.lora", "network type (networks.lora: LoRA / LoCon with conv_dim)", choices=("networks.lora",), group="network")
+    network_module: str = _f("networks.lora", "network type: networks.lora (LoRA / LoCon with conv_dim), lycoris.kohya "
+                             "(network_args algo=loha|lokr|locon|dylora|full, dora_wd=True for DoRA), networks.dylora "
+                             "(unit)", choices=("networks.lora", "lycoris.kohya", "networks.dylora"), group="network")
     network_dim: int = _f(4, "LoRA rank", group="network")
     network_alpha: float = _f(1.0, "LoRA alpha; scale = alpha / dim", group="network")
     network_dropout: float = _f(0.0, "dropout on the LoRA down projection (training only)", group="network")
     network_args: list = _f([], "kohya network_args 'k=v' list: conv_dim, conv_alpha, rank_dropout, module_dropout, "
-                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio", group="network")
+                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio; lycoris.kohya: "
+                            "algo, preset, factor, dora_wd, use_tucker, decompose_both, dropout, block_size; "
+                            "networks.dylora: unit", group="network")
     conv_dim: int = _f(0, "rank for the ResNet 3x3 convs (LoCon); 0 = off", group="network")
     conv_alpha: float = _f(1.0, "alpha for conv_dim", group="network")
     rank_dropout: float = _f(0.0, "drop each rank with this probability (training only)", group="network")
@@ -208,7 +212,10 @@ class TrainConfig:
 
     def network_options(self) -> dict[str, Any]:
         """conv_dim, conv_alpha, rank_dropout, module_dropout and the three LoRA+ ratios: network_args win over
-        top-level keys (kohya puts them there)."""
+        top-level keys (kohya puts them there); plus the network type's options given in network_args (algo,
+        preset, factor, dora_wd, unit, ...: network/types.py TYPE_ARGS)."""
+        from loralab.network.types import TYPE_ARGS, parse_type_arg
+
         out = {"conv_dim": self.conv_dim, "conv_alpha": self.conv_alpha, "rank_dropout": self.rank_dropout,
                "module_dropout": self.module_dropout, "loraplus_lr_ratio": self.loraplus_lr_ratio,
                "loraplus_unet_lr_ratio": self.loraplus_unet_lr_ratio,
@@ -216,8 +223,12 @@ class TrainConfig:
         for item in self.network_args:
             key, _, value = str(item).partition("=")
             key = key.strip()
+            if key in TYPE_ARGS:  # the network type's options (network/types.py), kept only when given
+                out[key] = parse_type_arg(key, value)
+                continue
             if key not in out:
-                raise LoralabError(f"network_args: unknown argument {key!r}; accepted: {', '.join(out)}")
+                raise LoralabError(f"network_args: unknown argument {key!r}; accepted: {', '.join(out)}, and for "
+                                   f"lycoris.kohya / networks.dylora: {', '.join(TYPE_ARGS)}")
             try:
                 out[key] = type(out[key])(float(value)) if key != "conv_dim" else int(float(value))
             except ValueError:
@@ -238,12 +249,17 @@ class TrainConfig:
         """The LoRA network's shape and dropouts (network/lora.py NetworkConfig)."""
         from loralab.network.lora import NetworkConfig
 
+        from loralab.network.types import type_config
+
         opts = self.network_options()
-        return NetworkConfig(dim=self.network_dim, alpha=self.network_alpha, conv_dim=opts["conv_dim"] or None,
-                             conv_alpha=opts["conv_alpha"], dropout=self.network_dropout or None,
+        kind = {"conv_dim": opts["conv_dim"] or None, "conv_alpha": opts["conv_alpha"],
+                "dropout": self.network_dropout or None,
+                **type_config(self.network_module, opts, self.network_dim, self.network_alpha,
+                              {str(a).partition("=")[0].strip() for a in self.network_args})}
+        return NetworkConfig(dim=self.network_dim, alpha=self.network_alpha,
                              rank_dropout=opts["rank_dropout"] or None, module_dropout=opts["module_dropout"] or None,
                              train_unet=not self.network_train_text_encoder_only if train_unet is None else train_unet,
-                             train_text_encoder=not self.network_train_unet_only)
+                             train_text_encoder=not self.network_train_unet_only, **kind)
 
     def caption_options(self):
         """kohya's caption pipeline options (data/captions.py CaptionOptions)."""

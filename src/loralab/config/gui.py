@@ -186,8 +186,34 @@ _FLOAT_FIXES = (("adaptive_noise_scale noise_offset learning_rate text_encoder_l
                 ("lr_scheduler_power", 1.0))
 
 SUPPORTED_TYPES = ("Standard", "Kohya LoCon")
-OTHER_TYPE_MODULES = {"Kohya DyLoRA": "networks.dylora", "LoRA-FA": "networks.lora_fa", "Kohya LoHa": "networks.loha",
-                      "Kohya LoKr": "networks.lokr"}
+OTHER_TYPE_MODULES = {"LoRA-FA": "networks.lora_fa", "Kohya LoHa": "networks.loha", "Kohya LoKr": "networks.lokr"}
+# lora_gui.py train_model: the LyCORIS types loralab trains (network_module lycoris.kohya) and the GUI fields each
+# writes into network_args, in the GUI's order (GUI key -> network_args key); "Kohya DyLoRA" is networks.dylora.
+LYCORIS_TYPES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "LyCORIS/LoCon": ("locon", (("LyCORIS_preset", "preset"), ("conv_dim", "conv_dim"), ("conv_alpha", "conv_alpha"),
+                                ("use_tucker", "use_tucker"), ("rank_dropout", "rank_dropout"),
+                                ("bypass_mode", "bypass_mode"), ("dora_wd", "dora_wd"),
+                                ("module_dropout", "module_dropout"), ("use_scalar", "use_scalar"),
+                                ("rank_dropout_scale", "rank_dropout_scale"), ("train_norm", "train_norm"))),
+    "LyCORIS/LoKr": ("lokr", (("LyCORIS_preset", "preset"), ("conv_dim", "conv_dim"), ("conv_alpha", "conv_alpha"),
+                              ("use_tucker", "use_tucker"), ("rank_dropout", "rank_dropout"),
+                              ("bypass_mode", "bypass_mode"), ("dora_wd", "dora_wd"),
+                              ("module_dropout", "module_dropout"), ("factor", "factor"), ("use_cp", "use_cp"),
+                              ("use_scalar", "use_scalar"), ("decompose_both", "decompose_both"),
+                              ("rank_dropout_scale", "rank_dropout_scale"), ("train_norm", "train_norm"))),
+    "LyCORIS/DyLoRA": ("dylora", (("LyCORIS_preset", "preset"), ("conv_dim", "conv_dim"), ("conv_alpha", "conv_alpha"),
+                                  ("use_tucker", "use_tucker"), ("unit", "block_size"),
+                                  ("rank_dropout", "rank_dropout"), ("module_dropout", "module_dropout"),
+                                  ("train_norm", "train_norm"))),
+    "LyCORIS/Native Fine-Tuning": ("full", (("LyCORIS_preset", "preset"), ("rank_dropout", "rank_dropout"),
+                                            ("module_dropout", "module_dropout"),
+                                            ("rank_dropout_scale", "rank_dropout_scale"), ("train_norm", "train_norm"))),
+}
+LYCORIS_TYPES["LyCORIS/LoHa"] = ("loha", LYCORIS_TYPES["LyCORIS/LoCon"][1])
+# the GUI's widget values of the LyCORIS fields when a config lacks them
+LYCORIS_DEFAULTS = {"LyCORIS_preset": "full", "factor": -1, "unit": 1, "conv_dim": 1, "conv_alpha": 1, "rank_dropout": 0,
+                    "module_dropout": 0}
+DYLORA_ARGS = ("conv_dim", "conv_alpha", "unit")  # lora_gui.py "Kohya DyLoRA": these + BLOCK_ARGS, when set
 # lora_gui.py: the block-wise fields passed in network_args for Standard and Kohya LoCon when not empty.
 BLOCK_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
               "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout")
@@ -321,11 +347,16 @@ def _model_family(d: dict, conv: GuiConversion) -> None:
 def _network(d: dict, conv: GuiConversion) -> None:
     """LoRA_type -> network_module and network_args (lora_gui.py train_model, "Kohya LoCon"/"Standard" branch)."""
     lora_type = str(d.get("LoRA_type"))
-    for key in sorted(OTHER_TYPES & set(d)):
-        conv.dropped.append((key, f"an option of the LyCORIS / DyLoRA types, not of {lora_type!r}"
-                             if lora_type in SUPPORTED_TYPES else f"belongs to LoRA_type {lora_type!r}, which is "
-                             "not converted"))
+    used = {g for g, _ in LYCORIS_TYPES[lora_type][1]} if lora_type in LYCORIS_TYPES else (
+        set(DYLORA_ARGS) if lora_type == "Kohya DyLoRA" else set())
+    for key in sorted((OTHER_TYPES & set(d)) - used):
+        conv.dropped.append((key, f"an option of other LyCORIS / DyLoRA types, not of {lora_type!r}"
+                             if lora_type in (*SUPPORTED_TYPES, *LYCORIS_TYPES, "Kohya DyLoRA")
+                             else f"belongs to LoRA_type {lora_type!r}, which is not converted"))
     if lora_type in FAMILY_TYPES:
+        return
+    if lora_type in LYCORIS_TYPES or lora_type == "Kohya DyLoRA":
+        _lycoris_network(d, conv, lora_type)
         return
     if lora_type not in SUPPORTED_TYPES:
         module = OTHER_TYPE_MODULES.get(lora_type)
@@ -335,11 +366,9 @@ def _network(d: dict, conv: GuiConversion) -> None:
             conv.problems.append(f"LoRA_type {lora_type!r} ({conv.source}): unknown to the kohya_ss GUI; use "
                                  "\"Standard\" (LoRA) or \"Kohya LoCon\" (LoCon)")
             return
-        extra = (" LyCORIS's LoCon also adapts conv_in, conv_out and the time embedding, which kohya's LoCon "
-                 "does not." if lora_type == "LyCORIS/LoCon" else "")
-        conv.problems.append(f"LoRA_type {lora_type!r} is not supported yet (LoRA and LoCon are) ({conv.source}): "
-                             f"kohya trains it with {module}.{extra} Set LoRA_type to \"Standard\" (LoRA) or "
-                             "\"Kohya LoCon\" (networks.lora with conv_dim) to train it with loralab")
+        conv.problems.append(f"LoRA_type {lora_type!r} is not supported yet ({conv.source}): kohya trains it with "
+                             f"{module}. loralab trains Standard, Kohya LoCon, Kohya DyLoRA and LyCORIS/LoCon, LoHa, "
+                             "LoKr, DyLoRA and Native Fine-Tuning; pick one of those")
         for key in ("conv_dim", "conv_alpha", *BLOCK_ARGS, *LORAPLUS):
             if key in d:
                 conv.dropped.append((key, f"belongs to LoRA_type {lora_type!r}, which is not converted"))
@@ -358,6 +387,23 @@ def _network(d: dict, conv: GuiConversion) -> None:
     conv.map("LoRA_type", "network_module", "networks.lora", f"LoRA_type {lora_type!r}")
     conv.map("LoRA_type", "network_args", args, "conv_dim/conv_alpha (Kohya LoCon), non-empty block-wise fields, "
              "rank/module dropout and LoRA+ ratios, as the GUI writes network_args")
+
+
+def _lycoris_network(d: dict, conv: GuiConversion, lora_type: str) -> None:
+    """LyCORIS types -> network_module "lycoris.kohya" and network_args as lora_gui.py writes them ("k=v" per
+    field, then algo); "Kohya DyLoRA" -> networks.dylora with its fields when set. A field the GUI would pass with
+    a value loralab refuses (train_norm=True, ...) is reported by the config checks with its key."""
+    if lora_type == "Kohya DyLoRA":
+        args = [f"{k}={d[k]}" for k in DYLORA_ARGS + BLOCK_ARGS if d.get(k)]
+        module = "networks.dylora"
+    else:
+        algo, fields_ = LYCORIS_TYPES[lora_type]
+        args = [f"{arg}={d.get(g, LYCORIS_DEFAULTS.get(g, False))}" for g, arg in fields_] + [f"algo={algo}"]
+        module = "lycoris.kohya"
+    args += [f"{k}={d[k]}" for k in LORAPLUS if d.get(k)]  # append_loraplus_network_args
+    args = " ".join(args).replace('"', "").split()
+    conv.map("LoRA_type", "network_module", module, f"LoRA_type {lora_type!r}")
+    conv.map("LoRA_type", "network_args", args, "the type's fields as the GUI writes network_args")
 
 
 def _learning_rates(d: dict, conv: GuiConversion) -> None:

@@ -78,11 +78,13 @@ def canonical_keys(sd: Mapping[str, torch.Tensor], aliases: Mapping[str, str], w
     return out, renamed
 
 
-def check_keys(sd: Mapping[str, torch.Tensor], known: Container[str], where: str, family: str) -> None:
-    """Every module of `sd` must be in `known`, and every key of a known module must end in one of SUFFIXES."""
+def check_keys(sd: Mapping[str, torch.Tensor], known: Container[str], where: str, family: str,
+               suffixes: Mapping[str, Container[str]] | None = None) -> None:
+    """Every module of `sd` must be in `known`, and every key of a known module must end in one of its suffixes
+    (`suffixes[name]`, e.g. {".hada_w1_a", ..., ".alpha"}; default SUFFIXES, LoRA's)."""
     unknown = sorted(n for n in module_names(sd) if n not in known)
     bad_suffix = sorted(k for k in sd if "." in k and k.split(".", 1)[0] in known
-                        and "." + k.split(".", 1)[1] not in SUFFIXES)
+                        and "." + k.split(".", 1)[1] not in (suffixes or {}).get(k.split(".", 1)[0], SUFFIXES))
     if unknown or bad_suffix:
         raise unknown_keys_error(unknown + bad_suffix, where, family)
 
@@ -92,9 +94,9 @@ def unknown_keys_error(keys: Sequence[str], where: str, family: str) -> LoralabE
     shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
     return LoralabError(
         f"{where}: {len(keys)} LoRA modules/keys match nothing in this {family} network: {shown}. The file was "
-        "made for another model family or architecture, holds LyCORIS types (LoHa/LoKr, lora_mid, dora_scale) "
-        "that networks.lora cannot load, or the network was created without some of its modules; use a LoRA "
-        "made for this base model.")
+        "made for another model family or architecture, holds another network type than this network's modules "
+        "(LoRA, LoHa, LoKr, DoRA, full: load it with LoRANetwork.from_weights), or the network was created without "
+        "some of its modules; use a file made for this base model.")
 
 
 def fit_shape(value: torch.Tensor, shape: torch.Size, name: str, where: str) -> tuple[torch.Tensor, bool]:

@@ -3,7 +3,9 @@
 The network is kohya-ss sd-scripts' `networks.lora` (research/kohya.md §4, formats.md §1.1), written anew,
 in four parts:
 
-* `modules.py`: one LoRA / LoCon module (`LoRAModule`) and its rules (alpha scale, the three dropouts);
+* `modules.py`: one LoRA / LoCon module (`LoRAModule`) and its rules (alpha scale, the three dropouts), on
+  the base every type shares (`NetworkModule`); the other types in `loha.py`, `lokr.py`, `full.py`,
+  `dylora.py`, DoRA in `dora.py`, and which type a config or a file asks for in `types.py`;
 * `targets.py`: which modules kohya wraps and the names files give them (`find_lora_targets`);
 * `files.py`: the kohya file layout: reading, key spellings, shapes, unknown keys, writing, hashes;
 * this file: `NetworkConfig`, and `LoRANetwork`, which creates the modules on the targets, hooks them
@@ -33,9 +35,10 @@ from loralab.network.files import (
     save_weights,
     unknown_keys_error,
 )
-from loralab.network.modules import LoRAModule, effective_alpha
+from loralab.network.modules import NetworkModule, effective_alpha
 from loralab.network.targets import (
     FAMILIES,
+    PRESETS,
     PREFIX_TEXT_ENCODER_SDXL,
     PREFIX_UNET,
     LoRATarget,
@@ -67,8 +70,19 @@ class NetworkConfig:
     module_dropout: float | None = None
     train_unet: bool = True
     train_text_encoder: bool = True
+    # network type (network/types.py): kohya's networks.lora is "lora"; LyCORIS's algo; DyLoRA's unit
+    algo: str = "lora"
+    preset: str | None = None  # LyCORIS preset (targets.PRESETS); None: kohya's networks.lora targets
+    factor: int = -1  # LoKr
+    decompose_both: bool = False  # LoKr
+    full_matrix: bool = False  # LoKr
+    use_tucker: bool = False  # LoHa / LoKr on 3x3 convs
+    dora_wd: bool = False  # DoRA on LoRA / LoHa / LoKr
+    wd_on_output: bool = False  # DoRA magnitude per output channel (diffusers) instead of per input (A1111)
+    unit: int = 1  # DyLoRA
 
     def __post_init__(self) -> None:
+        self._check_type()
         if self.dim is None or int(self.dim) < 1:
             raise LoralabError(f"network_dim = {self.dim} is invalid: the LoRA rank must be a whole number >= 1 "
                                "(e.g. 4, 16, 32)")
@@ -88,6 +102,34 @@ class NetworkConfig:
                 limit = "0 <= p < 1" if key == "rank_dropout" else "0 <= p <= 1"
                 raise LoralabError(f"{key} = {value} is out of range: it is a probability ({limit}); "
                                    "typical values are 0.1-0.3")
+
+    def _check_type(self) -> None:
+        """The type's own options: each error names the network_args key."""
+        from loralab.network.types import ALGOS
+
+        if self.algo not in ALGOS:
+            raise LoralabError(f"network_args algo = {self.algo!r} is unknown; use one of {', '.join(ALGOS)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise LoralabError(f"network_args preset = {self.preset!r} is unknown; use one of {', '.join(PRESETS)} "
+                               "(LyCORIS's built-in presets; preset files are not read)")
+        if self.factor == 0 or self.factor < -1:
+            raise LoralabError(f"network_args factor = {self.factor} is invalid: LoKr's factor is -1 (automatic) or a "
+                               "whole number >= 1 that splits the layer widths (e.g. 4, 8, 16)")
+        if self.dora_wd and self.algo in ("full", "dylora"):
+            raise LoralabError(f"network_args dora_wd = True does not go with algo = {self.algo}: DoRA is for lora, "
+                               "locon, loha and lokr (as LyCORIS)")
+        if self.algo == "dylora":
+            if self.unit < 1 or self.dim % self.unit or (self.conv_dim and self.conv_dim % self.unit):
+                raise LoralabError(f"network_args unit = {self.unit} must be >= 1 and divide network_dim = {self.dim}"
+                                   f"{f' and conv_dim = {self.conv_dim}' if self.conv_dim else ''} (DyLoRA trains "
+                                   "the rank in units)")
+            if self.dropout or self.rank_dropout:
+                raise LoralabError("network_dropout / rank_dropout: DyLoRA has no dropouts but module_dropout (kohya's "
+                                   "networks.dylora neither); remove them")
+        if self.algo in ("loha", "locon") and max(self.dim, self.conv_dim or 0) > 32:
+            log.warning("%s with dim %d: dims above 32 for LoHa/LoCon are refused by some tools (LoHa's effective "
+                        "rank is dim², so it grows fast) and rarely help; the guide advises 32 or less",
+                        self.algo, max(self.dim, self.conv_dim or 0))
 
     def dim_alpha(self, target: LoRATarget) -> tuple[int | None, float | None]:
         """(dim, alpha) kohya gives a target: 3x3 convs conv_dim/conv_alpha (None: skipped), else dim/alpha."""
@@ -113,18 +155,19 @@ class LoRANetwork(nn.Module):
     """All LoRA modules of one model; its state dict is the kohya file layout.
 
     Modules are registered under their kohya names, so `state_dict()` keys are `<name>.lora_down.weight`,
-    `<name>.lora_up.weight` and `<name>.alpha`, text-encoder modules first, as kohya writes them.
+    `<name>.lora_up.weight` and `<name>.alpha` (LoHa: `<name>.hada_*`, LoKr: `<name>.lokr_*`, full:
+    `<name>.diff`, DoRA: `+ <name>.dora_scale`), text-encoder modules first, as kohya writes them.
     """
 
-    def __init__(self, modules: Sequence[LoRAModule], family: str, sides: Mapping[str, str] | None = None,
+    def __init__(self, modules: Sequence[NetworkModule], family: str, sides: Mapping[str, str] | None = None,
                  aliases: Mapping[str, str] | None = None) -> None:
         super().__init__()
         if family not in FAMILIES:
             raise LoralabError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
         self.family = family
         sides = dict(sides or {})
-        self.text_encoder_loras: list[LoRAModule] = []
-        self.unet_loras: list[LoRAModule] = []
+        self.text_encoder_loras: list[NetworkModule] = []
+        self.unet_loras: list[NetworkModule] = []
         for m in modules:
             side = sides.get(m.lora_name) or ("unet" if m.lora_name.startswith(PREFIX_UNET) else "text_encoder")
             (self.unet_loras if side == "unet" else self.text_encoder_loras).append(m)
@@ -139,17 +182,21 @@ class LoRANetwork(nn.Module):
     def create(cls, unet: nn.Module | None, text_encoders: Sequence[nn.Module], family: str,
                cfg: NetworkConfig | None = None, multiplier: float = 1.0) -> LoRANetwork:
         """A new network on `unet` and `text_encoders` (one for sd1/sd2, two for sdxl), kohya's targets."""
+        from loralab.network.types import make_module
+
         cfg = cfg or NetworkConfig()
         targets = find_lora_targets(unet if cfg.train_unet else None,
                                     text_encoders if cfg.train_text_encoder else [], family,
-                                    include_conv=cfg.conv_dim is not None)
+                                    include_conv=cfg.conv_dim is not None, preset=cfg.preset)
         modules = []
         for t in targets:
             dim, alpha = cfg.dim_alpha(t)
-            if dim:  # 3x3 convs without conv_dim are skipped, like kohya
-                modules.append(_make_module(t, dim, alpha, multiplier, cfg))
+            if dim or (cfg.algo == "full" and (not t.conv3x3 or cfg.conv_dim is not None)):
+                # 3x3 convs without conv_dim are skipped, like kohya and LyCORIS
+                modules.append(make_module(t, dim or 1, alpha, multiplier, cfg))
         net = cls(modules, family, {t.lora_name: t.side for t in targets}, alias_map(targets))
-        log.info("LoRA network: %d text-encoder and %d UNet modules (dim %d, alpha %g%s)",
+        log.info("%s network: %d text-encoder and %d UNet modules (dim %d, alpha %g%s)",
+                 cfg.algo + (" + DoRA" if cfg.dora_wd else ""),
                  len(net.text_encoder_loras), len(net.unet_loras), cfg.dim, effective_alpha(cfg.alpha, cfg.dim),
                  f", conv_dim {cfg.conv_dim}, conv_alpha {cfg.conv_alpha:g}" if cfg.conv_dim else "")
         return net
@@ -158,17 +205,23 @@ class LoRANetwork(nn.Module):
     def from_weights(cls, path_or_sd: str | Path | Mapping[str, torch.Tensor], unet: nn.Module | None,
                      text_encoders: Sequence[nn.Module], family: str, cfg: NetworkConfig | None = None,
                      multiplier: float = 1.0) -> LoRANetwork:
-        """A network shaped by a LoRA file (kohya's dim_from_weights) with its weights loaded.
+        """A network shaped by a file (kohya's dim_from_weights) with its weights loaded.
 
-        Each module's dim is its `lora_down.weight.shape[0]` and its alpha the file's `.alpha` (missing:
-        alpha = dim). Only modules present in the file are created, LoCon convs included. Dropouts and the
-        train_unet / train_text_encoder switches come from `cfg`; the other fields of `cfg` are ignored.
-        Diffusers-style SDXL names are converted to the LDM ones.
+        Each module's type comes from its keys (`types.file_type`: LoRA, LoHa, LoKr, full, + DoRA), its dim from
+        its tensors (LoRA: `lora_down.weight.shape[0]`) and its alpha from the file's `.alpha` (missing:
+        alpha = dim). Only modules present in the file are created, LoCon convs and LyCORIS's conv_in /
+        conv_out / time embedding included. Dropouts, DyLoRA's unit (LoRA modules of an `algo = "dylora"` cfg
+        continue as DyLoRA) and the train_unet / train_text_encoder switches come from `cfg`; its other fields
+        are ignored. Diffusers-style SDXL names are converted to the LDM ones.
         """
+        from loralab.network.types import module_from_file
+
         cfg = cfg or NetworkConfig()
         where = str(path_or_sd) if not isinstance(path_or_sd, Mapping) else "the given state dict"
         sd = read_weights(path_or_sd)
-        targets = find_lora_targets(unet, text_encoders, family, include_conv=True)
+        targets = find_lora_targets(unet, text_encoders, family, include_conv=True, preset="full", all_names=True)
+        targets += [t for t in find_lora_targets(unet, text_encoders, family, False, preset="attn-only")
+                    if t.lora_name not in {u.lora_name for u in targets}]
         sd, _ = canonical_keys(sd, alias_map(targets), where)
         by_name = {t.lora_name: t for t in targets}
         file_modules = module_names(sd)
@@ -181,13 +234,8 @@ class LoRANetwork(nn.Module):
             if (t.side == "unet" and not cfg.train_unet) or (t.side == "text_encoder" and not cfg.train_text_encoder):
                 dropped.append(name)
                 continue
-            down = sd.get(f"{name}.lora_down.weight")
-            if down is None:
-                raise LoralabError(f"{where}: module {name} has no lora_down.weight; the file is incomplete or "
-                                   "not a LoRA (LoHa/LoKr files need LyCORIS)")
-            alpha = sd.get(f"{name}.alpha")
-            modules.append(_make_module(t, int(down.shape[0]), float(alpha) if alpha is not None else None,
-                                        multiplier, cfg))
+            keys = {k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".", 1)[0] == name}
+            modules.append(module_from_file(t, keys, multiplier, cfg, where))
         if dropped:
             log.warning("%s: %d modules of the %s are not used (that side is not trained)", where, len(dropped),
                         "UNet" if not cfg.train_unet else "text encoder")
@@ -195,15 +243,19 @@ class LoRANetwork(nn.Module):
             sd = {k: v for k, v in sd.items() if k.split(".", 1)[0] not in dropped_set}
         net = cls(modules, family, {t.lora_name: t.side for t in targets}, alias_map(targets))
         net.load_weights(sd)
-        log.info("LoRA network from %s: %d text-encoder and %d UNet modules, dims %s", where,
-                 len(net.text_encoder_loras), len(net.unet_loras),
+        log.info("network from %s: %d text-encoder and %d UNet modules, types %s, dims %s", where,
+                 len(net.text_encoder_loras), len(net.unet_loras), net.types(),
                  sorted({m.lora_dim for m in net.text_encoder_loras + net.unet_loras}))
         return net
 
     # ------------------------------------------------------------------ use
     @property
-    def loras(self) -> list[LoRAModule]:
+    def loras(self) -> list[NetworkModule]:
         return self.text_encoder_loras + self.unet_loras
+
+    def types(self) -> list[str]:
+        """The module types in this network, e.g. ["LoHaModule", "LoRAModule+DoRA"]."""
+        return sorted({type(m).__name__ + ("+DoRA" if m.dora_scale is not None else "") for m in self.loras})
 
     def apply_to(self) -> None:
         """Hook every module into its model (the model's own modules, names and weights stay as they were)."""
@@ -279,8 +331,9 @@ class LoRANetwork(nn.Module):
     def max_norm(self, max_norm_value: float) -> tuple[int, float, float]:
         """max-norm (`--scale_weight_norms`), kohya's `apply_max_norm_regularization`, in place.
 
-        For each module: W = scale · up∘down (`merge_weight`); norm = max(‖W‖_F, max_norm/2);
-        ratio = min(norm, max_norm) / norm; if ratio != 1, up and down are each multiplied by sqrt(ratio),
+        For each module: W = ΔW · scale (`merge_weight`, LoRA: scale · up∘down); norm = max(‖W‖_F, max_norm/2);
+        ratio = min(norm, max_norm) / norm; if ratio != 1, ΔW's factors are scaled (`scale_delta_`: LoRA's up and
+        down, LoHa's w1_a and w2_a, LoKr's w1 and w2 each by sqrt(ratio); full's diff by ratio),
         so ‖W‖_F becomes exactly max_norm. Only modules with ‖W‖_F > max_norm change; nothing enters the
         loss; the multiplier is not part of W. Returns (keys_scaled, mean, max) of the norms ‖W‖_F·ratio.
         """
@@ -294,8 +347,7 @@ class LoRANetwork(nn.Module):
                 ratio = desired / norm
                 if ratio != 1:
                     keys_scaled += 1
-                    m.lora_up.weight.mul_(ratio.sqrt().to(m.lora_up.weight.dtype))
-                    m.lora_down.weight.mul_(ratio.sqrt().to(m.lora_down.weight.dtype))
+                    m.scale_delta_(ratio)
                 norms.append(float(w_norm * ratio))
         if not norms:
             return 0, 0.0, 0.0
@@ -313,22 +365,25 @@ class LoRANetwork(nn.Module):
         where = str(path_or_sd) if not isinstance(path_or_sd, Mapping) else "the given state dict"
         sd = read_weights(path_or_sd)
         sd, renamed = canonical_keys(sd, self._aliases, where)
-        check_keys(sd, self._modules, where, self.family)
+        suffixes = {m.lora_name: {"." + k for k in m.state_dict()} | {".alpha"} for m in self.loras}
+        check_keys(sd, self._modules, where, self.family, suffixes)
         loaded, reshaped, missing = 0, 0, []
         with torch.no_grad():
             for m in self.loras:
-                down, up = sd.get(f"{m.lora_name}.lora_down.weight"), sd.get(f"{m.lora_name}.lora_up.weight")
-                if down is None and up is None:
+                params = {k: v for k, v in m.state_dict(keep_vars=True).items() if k != "alpha"}
+                found = {k: sd[f"{m.lora_name}.{k}"] for k in params if f"{m.lora_name}.{k}" in sd}
+                if not found:
                     missing.append(m.lora_name)
                     continue
-                if down is None or up is None:
-                    raise LoralabError(f"{where}: module {m.lora_name} has only one of lora_down / lora_up; the file "
-                                       "is incomplete")
+                if len(found) != len(params):
+                    lacking = ", ".join(sorted(set(params) - set(found)))
+                    raise LoralabError(f"{where}: module {m.lora_name} lacks {lacking}; the file is incomplete or of "
+                                       "another layout (load it with LoRANetwork.from_weights)")
                 n = 0
-                for param, value in ((m.lora_down.weight, down), (m.lora_up.weight, up)):
-                    value, changed = fit_shape(value, param.shape, m.lora_name, where)
+                for key, value in found.items():
+                    value, changed = fit_shape(value, params[key].shape, f"{m.lora_name}.{key}", where)
                     n += changed
-                    param.copy_(value.to(param.dtype))
+                    params[key].copy_(value.to(params[key].dtype))
                 reshaped += n > 0
                 alpha = sd.get(f"{m.lora_name}.alpha")
                 m.set_alpha(float(alpha) if alpha is not None else None)
@@ -352,11 +407,3 @@ class LoRANetwork(nn.Module):
         if clash:
             raise ValueError(f"extra tensors would overwrite network keys: {', '.join(clash[:5])}")
         save_weights(path, {**sd, **(extra or {})}, dtype, metadata)
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def _make_module(t: LoRATarget, dim: int, alpha: float | None, multiplier: float, cfg: NetworkConfig) -> LoRAModule:
-    return LoRAModule(t.lora_name, t.module, dim, alpha, multiplier, dropout=cfg.dropout,
-                      rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout)

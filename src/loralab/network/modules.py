@@ -1,4 +1,5 @@
-"""The LoRA / LoCon module (`LoRAModule`) and its rules: alpha scale, module / network / rank dropout.
+"""The base of every network module (`NetworkModule`), the LoRA / LoCon module (`LoRAModule`) and its rules:
+alpha scale, module / network / rank dropout. The other types (LoHa, LoKr, full, DyLoRA) live in their own files.
 
 One module is kohya-ss sd-scripts' `networks.lora.LoRAModule` (research/kohya.md §4.3), written anew:
 y = W x + multiplier * scale * up(down(x)), with `scale = alpha / dim`; on a Linear, down is [r, in] and
@@ -74,50 +75,29 @@ def rank_dropout(lx: torch.Tensor, p: float | None, training: bool, conv: bool) 
 # ---------------------------------------------------------------------------------------- one module
 
 
-class LoRAModule(nn.Module):
-    """A LoRA on one `nn.Linear` or `nn.Conv2d`: y = W x + multiplier * scale * up(down(x)).
+class NetworkModule(nn.Module):
+    """What every module type shares: its kohya name, the wrapped Linear / Conv2d, the multiplier, the
+    dropouts, DoRA, the hook into the wrapped module, and the ΔW path of `forward`.
 
-    Linear: down = Linear(in, r), up = Linear(r, out). Conv2d: down keeps the wrapped conv's kernel,
-    stride, padding and dilation, up is 1x1. Init as kohya: kaiming_uniform(a=sqrt(5)) on down, zeros on up,
-    so the network starts as the identity.
+    A type defines `merge_weight()` (ΔW · scale in the wrapped weight's shape, without the multiplier) and
+    `scale_delta_(ratio)` (multiply ΔW by `ratio` in place, for max-norm); the base forward is then
+    y = W x + multiplier · ΔW' x, where ΔW' is ΔW, or with DoRA `dora.weight_decompose(W, ΔW) − W`.
     """
 
-    def __init__(
-        self,
-        lora_name: str,
-        org_module: nn.Module,
-        dim: int,
-        alpha: float | None = None,
-        multiplier: float = 1.0,
-        dropout: float | None = None,
-        rank_dropout: float | None = None,
-        module_dropout: float | None = None,
-    ) -> None:
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None) -> None:
         super().__init__()
         if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"{lora_name}: LoRA wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
-        if int(dim) < 1:
-            raise ValueError(f"{lora_name}: LoRA dim must be >= 1, got {dim}")
+            raise TypeError(f"{lora_name}: a network module wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
+        if isinstance(org_module, nn.Conv2d) and org_module.groups != 1:
+            raise ValueError(f"{lora_name}: grouped convolutions are not supported")
         self.lora_name = lora_name
-        self.lora_dim = int(dim)
         self.is_conv = isinstance(org_module, nn.Conv2d)
-        if self.is_conv:
-            if org_module.groups != 1:
-                raise ValueError(f"{lora_name}: grouped convolutions are not supported")
-            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
-                                       org_module.stride, org_module.padding, org_module.dilation, bias=False)
-            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, 1, 1, bias=False)
-        else:
-            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False)
-            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        self.register_buffer("alpha", torch.tensor(effective_alpha(alpha, self.lora_dim), dtype=torch.float32))
-        self.scale = alpha_scale(alpha, self.lora_dim)
         self.multiplier = float(multiplier)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
+        self.dora_scale: nn.Parameter | None = None
         # The wrapped module is kept outside nn.Module's registry, so that it is neither saved in the
         # network's state dict nor moved / cast with the network.
         object.__setattr__(self, "org_module", org_module)
@@ -125,14 +105,22 @@ class LoRAModule(nn.Module):
         self._had_instance_forward = False
 
     @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The wrapped module's weight shape: [out, in] or [out, in, kh, kw]."""
+        return tuple(self.org_module.weight.shape)
+
+    @property
     def is_conv3x3(self) -> bool:
         """True for a conv whose kernel is not 1x1 (these get conv_dim / conv_alpha)."""
-        return self.is_conv and tuple(self.lora_down.kernel_size) != (1, 1)
+        return self.is_conv and tuple(self.org_module.kernel_size) != (1, 1)
 
-    def set_alpha(self, alpha: float | None) -> None:
-        """Set alpha (None/0 -> dim) and the scale alpha/dim that goes with it."""
-        self.alpha.fill_(effective_alpha(alpha, self.lora_dim))
-        self.scale = alpha_scale(alpha, self.lora_dim)
+    # ------------------------------------------------------------------ DoRA
+    def enable_dora(self, on_output: bool = False) -> None:
+        """DoRA (`dora_wd`): add the trainable magnitude `dora_scale`, initialised to ‖W‖ of the wrapped weight
+        (`dora.dora_magnitude`: per input channel, or per output channel with `on_output`)."""
+        from loralab.network.dora import dora_magnitude
+
+        self.dora_scale = nn.Parameter(dora_magnitude(self.org_module.weight.detach(), on_output))
 
     # ------------------------------------------------------------------ hooking
     @property
@@ -140,7 +128,7 @@ class LoRAModule(nn.Module):
         return self._org_forward is not None
 
     def apply_to(self) -> None:
-        """Route the wrapped module's forward through this LoRA (idempotent)."""
+        """Route the wrapped module's forward through this module (idempotent)."""
         if self.applied:
             return
         org = self.org_module
@@ -161,8 +149,98 @@ class LoRAModule(nn.Module):
             del org.forward
         self._org_forward = None
 
+    # ------------------------------------------------------------------ the ΔW path
+    def merge_weight(self) -> torch.Tensor:
+        """ΔW · scale in the wrapped weight's shape, without the multiplier (each type's formula)."""
+        raise NotImplementedError
+
+    def scale_delta_(self, ratio: torch.Tensor) -> None:
+        """Multiply ΔW by `ratio` in place (max-norm)."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW' that the forward adds (times the multiplier): `merge_weight()`, its output rows dropped with
+        probability rank_dropout in training (LyCORIS's rank dropout for LoHa / LoKr: no rescaling), and with
+        DoRA `weight_decompose(W, ΔW) − W`."""
+        dw = self.merge_weight()
+        if self.rank_dropout and self.training:
+            keep = torch.rand(dw.shape[0], device=dw.device) > self.rank_dropout
+            dw = dw * keep.to(dw.dtype).view(-1, *([1] * (dw.dim() - 1)))
+        if self.dora_scale is not None:
+            from loralab.network.dora import weight_decompose
+
+            w = self.org_module.weight.detach().float()
+            dw = weight_decompose(w, dw.float(), self.dora_scale) - w
+        return dw
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """y = W x + multiplier · ΔW' x (`delta_weight`); network_dropout drops elements of ΔW' x in training."""
+        y = self._org_forward(x, *args, **kwargs)
+        if module_dropout(self.module_dropout, self.training):
+            return y
+        dw = self.delta_weight()
+        if x.dtype != dw.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(dw.dtype)  # under autocast the op casts by itself
+        if self.is_conv:
+            org = self.org_module
+            out = F.conv2d(x, dw, None, org.stride, org.padding, org.dilation, org.groups)
+        else:
+            out = F.linear(x, dw)
+        if self.dropout and self.training:
+            out = F.dropout(out, p=self.dropout, training=True)
+        return y + (out * self.multiplier).to(y.dtype)
+
+
+class LoRAModule(NetworkModule):
+    """A LoRA on one `nn.Linear` or `nn.Conv2d`: y = W x + multiplier * scale * up(down(x)).
+
+    Linear: down = Linear(in, r), up = Linear(r, out). Conv2d: down keeps the wrapped conv's kernel,
+    stride, padding and dilation, up is 1x1. Init as kohya: kaiming_uniform(a=sqrt(5)) on down, zeros on up,
+    so the network starts as the identity. With DoRA (`enable_dora`) the forward takes the ΔW path of
+    `NetworkModule` (W' = dora_scale · (W + ΔW) / ‖W + ΔW‖), as LyCORIS and the loaders compute it.
+    """
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        dim: int,
+        alpha: float | None = None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ) -> None:
+        super().__init__(lora_name, org_module, multiplier, dropout, rank_dropout, module_dropout)
+        if int(dim) < 1:
+            raise ValueError(f"{lora_name}: LoRA dim must be >= 1, got {dim}")
+        self.lora_dim = int(dim)
+        if self.is_conv:
+            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
+                                       org_module.stride, org_module.padding, org_module.dilation, bias=False)
+            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, 1, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False)
+            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(effective_alpha(alpha, self.lora_dim), dtype=torch.float32))
+        self.scale = alpha_scale(alpha, self.lora_dim)
+
+    def set_alpha(self, alpha: float | None) -> None:
+        """Set alpha (None/0 -> dim) and the scale alpha/dim that goes with it."""
+        self.alpha.fill_(effective_alpha(alpha, self.lora_dim))
+        self.scale = alpha_scale(alpha, self.lora_dim)
+
+    def scale_delta_(self, ratio: torch.Tensor) -> None:
+        """max-norm: up and down each times sqrt(ratio)."""
+        for p in (self.lora_up.weight, self.lora_down.weight):
+            p.mul_(ratio.sqrt().to(p.dtype))
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """kohya's LoRAModule.forward (kohya.md §4.3); the dropouts act only in training mode."""
+        if self.dora_scale is not None:
+            return super().forward(x, *args, **kwargs)
         y = self._org_forward(x, *args, **kwargs)
         if module_dropout(self.module_dropout, self.training):
             return y

@@ -30,6 +30,26 @@ UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 FAMILIES = ("sd1", "sd2", "sdxl")
+# LyCORIS's `preset` (its config.py), with diffusers' class names: (UNet classes, text-encoder classes, UNet
+# modules by path). Convs in the classes are taken; 3x3 convs then need conv_dim (the presets whose LyCORIS
+# `enable_conv` is False get conv_dim 0, see `preset_has_conv`). The path targets are LyCORIS's
+# `unet_target_name`: they match kohya's diffusers-named SD 1.x/2.x UNet only, so on SDXL (LDM names in kohya)
+# LyCORIS, and we, add none.
+_LYCORIS_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
+PRESETS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "full": (UNET_TARGETS + UNET_CONV_TARGETS, TEXT_ENCODER_TARGETS, _LYCORIS_NAMES),
+    "full-lin": (UNET_TARGETS + ("ResnetBlock2D",), TEXT_ENCODER_TARGETS, _LYCORIS_NAMES[2:]),
+    "attn-mlp": (UNET_TARGETS, TEXT_ENCODER_TARGETS, ()),
+    "attn-only": (("Attention",), ("CLIPAttention", "CLIPSdpaAttention"), ()),
+    "unet-only": (UNET_TARGETS + UNET_CONV_TARGETS, (), _LYCORIS_NAMES),
+    "unet-transformer-only": (UNET_TARGETS, (), ()),
+    "unet-convblock-only": (UNET_CONV_TARGETS, (), _LYCORIS_NAMES[:2]),
+}
+
+
+def preset_has_conv(preset: str) -> bool:
+    """LyCORIS's `enable_conv` of a preset: False sets conv_dim to 0 (its 3x3 convs are skipped)."""
+    return preset in ("full", "unet-only", "unet-convblock-only")
 
 
 # ---------------------------------------------------------------------------------------- names
@@ -149,13 +169,22 @@ def _is_conv3x3(module: nn.Module) -> bool:
 
 
 def find_lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], family: str,
-                      include_conv: bool) -> list[LoRATarget]:
+                      include_conv: bool, preset: str | None = None, all_names: bool = False) -> list[LoRATarget]:
     """Every module kohya's networks.lora would wrap, text encoders first, with kohya names.
 
-    `include_conv` adds the ResnetBlock2D / Downsample2D / Upsample2D children (LoCon). Aliases are the
-    other spellings found in files: diffusers-style SDXL UNet names, TE names without `text_model_`, and
-    `lora_te1_` for single-encoder models (diffusers' `convert_state_dict_to_kohya`).
+    `include_conv` adds the ResnetBlock2D / Downsample2D / Upsample2D children (LoCon). `preset` picks
+    LyCORIS's targets instead (`PRESETS`); `all_names` adds LyCORIS's path targets on SDXL too (under LDM
+    names, for reading files). Aliases are the other spellings found in files: diffusers-style SDXL UNet names,
+    TE names without `text_model_`, and `lora_te1_` for single-encoder models (diffusers'
+    `convert_state_dict_to_kohya`).
     """
+    if preset is not None and preset not in PRESETS:
+        raise LoralabError(f"network_args preset = {preset!r} is unknown; use one of {', '.join(PRESETS)} (LyCORIS's "
+                           "built-in presets; preset files are not read)")
+    unet_classes, te_classes, unet_paths = PRESETS[preset] if preset else (
+        UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ()), TEXT_ENCODER_TARGETS, ())
+    if family == "sdxl" and not all_names:
+        unet_paths = ()
     if family not in FAMILIES:
         raise LoralabError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     tes = [te for te in text_encoders if te is not None]
@@ -169,7 +198,7 @@ def find_lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
         prefixes = (PREFIX_TEXT_ENCODER,)
     targets: list[LoRATarget] = []
     for prefix, te in zip(prefixes, tes):
-        for path, module in _children_of_targets(te, TEXT_ENCODER_TARGETS):
+        for path, module in _children_of_targets(te, te_classes):
             kpath = text_encoder_module_path(path)
             name = kohya_lora_name(prefix, kpath)
             flat = kpath[len("text_model."):]
@@ -177,11 +206,16 @@ def find_lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
             aliases = {kohya_lora_name(p, x) for p in alias_prefixes for x in (kpath, flat)} - {name}
             targets.append(LoRATarget(name, module, "text_encoder", False, tuple(sorted(aliases))))
     if unet is not None:
-        classes = UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ())
         if family == "sdxl":
             lpb = unet.config.layers_per_block
             with_attn = {i for i, b in enumerate(unet.up_blocks) if getattr(b, "attentions", None)}
-        for path, module in _children_of_targets(unet, classes):
+        found = list(_children_of_targets(unet, unet_classes))
+        seen = {id(m) for _, m in found}
+        for path in unet_paths:
+            module = unet.get_submodule(path) if _has_submodule(unet, path) else None
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module) not in seen:
+                found.append((path, module))
+        for path, module in found:
             diffusers_name = kohya_lora_name(PREFIX_UNET, path)
             if family == "sdxl":
                 name = kohya_lora_name(PREFIX_UNET, sdxl_unet_path_to_ldm(path, lpb, with_attn))
@@ -190,6 +224,14 @@ def find_lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
                 name, aliases = diffusers_name, ()
             targets.append(LoRATarget(name, module, "unet", _is_conv3x3(module), aliases))
     return targets
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def alias_map(targets: Iterable[LoRATarget]) -> dict[str, str]:
