@@ -160,7 +160,7 @@ def test_kohya_keys_without_effect_aliases_and_off_values_load(tmp_path, paths, 
         c = build_config(cfg)
     assert c.caption_extension == ".caption" and c.optimizer_type == "AdamW8bit"
     assert f"max_data_loader_n_workers ({cfg}): no effect in loralab: images load in the main process" in caplog.text
-    for key, value, words in [("masked_loss", "true", "masked_loss is not supported yet"),
+    for key, value, words in [("masked_loss", "true", "masked_loss: there are no masks to apply"),
                               ("dynamo_backend", "inductor", "torch.compile is not supported yet"),
                               ("huggingface_repo_id", "me/lora", "does not upload")]:
         with pytest.raises(LoralabError, match=words):

@@ -327,8 +327,8 @@ def test_cached_text_encoder_outputs_refuse_a_subset_whose_caption_changes(tmp_p
     ("missing folder", 'image_dir = "{a}_missing"', "_missing does not exist"),
     ("fine-tuning subset", 'image_dir = "{a}"\n  metadata_file = "meta.json"',
      "fine-tuning subsets (metadata_file) are not supported: put each caption in a .txt file"),
-    ("controlnet subset", 'image_dir = "{a}"\n  conditioning_data_dir = "{a}"',
-     "ControlNet / masked-loss subsets (conditioning_data_dir) are not supported"),
+    ("masks without masked_loss", 'image_dir = "{a}"\n  conditioning_data_dir = "{a}"',
+     "conditioning_data_dir: mask images are used only with masked_loss = true"),
 ])
 def test_bad_dataset_config_is_one_message_and_trains_nothing(tmp_path, tiny_sd1_checkpoint, case, subset, expected):
     a = make_folder(tmp_path / "a", 1)

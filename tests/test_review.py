@@ -71,8 +71,12 @@ def test_review_writes_its_files_and_leaves_the_run_alone(lab_run):
     assert f"recommended epoch: {data['recommended_epoch']}" in r.stdout
     text = (out / "review.md").read_text()
     for part in ("## Recommended epoch", "## Loss", "## Per epoch", "## Samples per epoch", "## LoRA weight sweep",
-                 "## Memorisation", "## Max-norm (scale_weight_norms)"):
+                 "## Memorisation", "## Max-norm (scale_weight_norms)",
+                 f"## Where the activation tags act (epoch {data['recommended_epoch']})"):
         assert part in text, part
+    assert "`olis` " in text.split("## Where the activation tags act")[1].split("##")[0]  # the tag's region share
+    with Image.open(out / "attention.png") as im:  # the image and the map of olis, one row
+        assert im.width > 2 * im.height - 60
     mn = run.max_norm_stats()
     assert mn["steps"] == run.steps()[-1]["step"] and f"{mn['steps_with_keys_scaled']} of {mn['steps']} steps" in text
     with Image.open(out / "grid.png") as grid:  # rows: base model + every epoch, cells scaled to 128 px

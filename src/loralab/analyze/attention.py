@@ -48,7 +48,10 @@ class WordTokens:
     positions: tuple[int, ...]  # every occurrence, all pieces
 
 
-def _content_ids(tokenizer, text: str) -> list[int]:
+def _content_ids(tokenizer, text) -> list[int]:
+    """The ids of a text without BOS/EOS; a `models.text.TokenIds` prompt is its own ids."""
+    if not isinstance(text, str):
+        return list(text)
     return list(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
 

@@ -381,6 +381,10 @@ def _kohya_option_problems(cfg: TrainConfig, opts: dict[str, Any], bad) -> None:
         for key in ("color_aug", "random_crop"):
             if getattr(cfg, key):
                 bad(cache_conflict(key))
+    if cfg.masked_loss and not cfg.alpha_mask and not cfg.dataset_config:  # a dataset_config is checked above
+        from loralab.data.masks import NO_MASKS
+
+        bad(f"masked_loss: {NO_MASKS}")
     for key in LORAPLUS_KEYS:  # LoRA+: top-level key, or network_args (which wins, as in network_options)
         where = "network_args " if any(str(a).partition("=")[0].strip() == key for a in cfg.network_args) else ""
         value = opts.get(key, 0.0 if where else getattr(cfg, key))

@@ -67,6 +67,10 @@ class TrainConfig:
     dataset_config: str = _f("", "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]) instead of "
                              "train_data_dir / reg_data_dir", group="dataset")
     prior_loss_weight: float = _f(1.0, "loss weight of regularization images", group="dataset")
+    masked_loss: bool = _f(False, "weight the loss per pixel by a mask: the mask images of a dataset_config subset's "
+                           "conditioning_data_dir (white = trained, black = ignored), or alpha_mask", group="dataset")
+    alpha_mask: bool = _f(False, "use each image's alpha channel as its loss mask (opaque = trained; an image without "
+                          "alpha counts whole); a dataset_config subset may set its own", group="dataset")
     cache_latents: bool = _f(False, "encode images once and keep latents in memory", group="dataset")
     cache_latents_to_disk: bool = _f(False, "cache latents in .npz files next to the images (reused by later runs)", group="dataset")
     vae_batch_size: int = _f(1, "batch size when caching latents", group="dataset")

@@ -78,9 +78,10 @@ FOREIGN: dict[str, Foreign] = {
     "cpu_offload_checkpointing": Foreign("not used", refuse="cpu_offload_checkpointing is not supported; use "
                                                             "gradient_checkpointing"),
     "fp8_base_unet": Foreign("not used", refuse="fp8_base_unet: use fp8_base"),
-    "masked_loss": Foreign("not used", refuse="masked_loss is not supported yet"),
-    "alpha_mask": Foreign("not used", refuse="alpha_mask (masked loss) is not supported yet"),
-    "conditioning_data_dir": Foreign("not used", refuse="conditioning_data_dir: ControlNet training is not supported"),
+    "conditioning_data_dir": Foreign("not used", refuse="conditioning_data_dir: sd-scripts' train_network.py does not "
+                                     "read it on the command line (only its ControlNet scripts do); give mask images "
+                                     "per subset: conditioning_data_dir in a dataset_config [[datasets.subsets]], with "
+                                     "masked_loss = true"),
     "in_json": Foreign("not used", refuse="in_json: fine-tuning metadata is not supported; put each caption in a .txt "
                                           "file next to its image (<repeats>_<name>/ folders, or a dataset_config)"),
     "dataset_class": Foreign("not used", refuse="dataset_class: custom dataset classes are not supported"),

@@ -55,6 +55,7 @@ class ImageEntry:
     caption: str
     size: tuple[int, int]
     subset: Subset = field(repr=False)
+    mask_path: Path | None = None  # its mask image (conditioning_data_dir; data/masks.py)
 
 
 @dataclass(eq=False)
@@ -63,7 +64,8 @@ class Subset:
 
     `caption_options`, `flip_aug`, `color_aug` and `random_crop` are a dataset_config subset's own (its keys
     merged with those of its dataset, [general] and the training config); None, as in a folder dataset,
-    means the run's (`subset_flag`)."""
+    means the run's (`subset_flag`). `alpha_mask` and `conditioning_data_dir` give its loss masks
+    (data/masks.py: the alpha channel, or a folder of mask images)."""
 
     dir: Path
     name: str  # the folder's basename, the key of ss_dataset_dirs / ss_tag_frequency
@@ -75,6 +77,8 @@ class Subset:
     flip_aug: bool | None = None
     color_aug: bool | None = None
     random_crop: bool | None = None
+    alpha_mask: bool = False
+    conditioning_data_dir: Path | None = None
 
     @property
     def img_count(self) -> int:
@@ -260,6 +264,7 @@ def scan_folder_dataset(
     enable_wildcard: bool = False,
     class_tokens_fallback: bool = True,
     key: str = "train_data_dir",
+    alpha_mask: bool = False,
 ) -> list[Subset]:
     """Scan kohya's folder layout: train subsets first, then reg subsets, each with its images.
 
@@ -275,6 +280,8 @@ def scan_folder_dataset(
     - A subset folder with no images is skipped with a warning (kohya).
     - * A symlink that loops or whose target is missing (an image or caption name in a subset folder, any
       name in a root) is skipped with a warning naming it (`unusable_links`); kohya drops it silently.
+    With `alpha_mask`, each image's alpha channel is its loss mask (`data/masks.py`; one warning counts
+    the images without alpha, which count whole).
     Errors (LoralabError): a root that is missing; a root without `N_name/` folders (naming the case
     where the root is the image folder itself); no training images at all; a reg_data_dir that is set
     but missing or without folders (* kohya ignores it silently).
@@ -290,6 +297,7 @@ def scan_folder_dataset(
         subsets = scan_root(root, key, is_reg)
         _warn_links(root)
         for subset in subsets:
+            subset.alpha_mask = alpha_mask
             scan_subset(subset, caption_extension, enable_wildcard, class_tokens_fallback)
             if not subset.images:
                 log.warning("%s: ignoring %s: it has no images (%s)", key, subset.dir, " ".join(IMAGE_EXTENSIONS))
@@ -302,6 +310,10 @@ def scan_folder_dataset(
                 f"{key}: no images found in the folders of {root} ({', '.join(s.name for s in subsets)}); "
                 f"put {'/'.join(IMAGE_EXTENSIONS)} files in them"
             )
+    if alpha_mask:
+        from loralab.data.masks import attach_masks
+
+        attach_masks(result)
     return result
 
 

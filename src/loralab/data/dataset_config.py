@@ -19,14 +19,18 @@ default; a dataset's value the first among the dataset, `[general]`, the trainin
 Where each key may be written (kohya's schema):
 - `DATASET_KEYS`: in `[[datasets]]` or `[general]` (resolution, batch size, buckets, validation split);
 - `SUBSET_KEYS`: anywhere (repeats, captions, augmentation);
-- `SUBSET_ONLY_KEYS`: in `[[datasets.subsets]]` only (image_dir, is_reg, alpha_mask).
-Relative `image_dir` paths are read from the current folder, as sd-scripts reads them.
+- `SUBSET_ONLY_KEYS`: in `[[datasets.subsets]]` only (image_dir, is_reg, alpha_mask, conditioning_data_dir).
+Relative `image_dir` (and `conditioning_data_dir`) paths are read from the current folder, as sd-scripts reads them.
+Loss masks (`data/masks.py`): `alpha_mask = true` (the subset's own, else the training config's), or
+`conditioning_data_dir = "<folder of masks named like the images>"`, which needs masked_loss = true in the
+training config (sd-scripts' rule); masked_loss with no subset giving masks is refused.
 
 Differences from sd-scripts: every problem of the file (unknown keys, with the close key names; values of
 the wrong type or range; a missing folder; keys loralab does not implement) is collected and reported in
 one message, each with its place (`[[datasets]] #2 subset #1`: numbers count from 1 in file order).
-Fine-tuning subsets (`metadata_file`) and ControlNet subsets (`conditioning_data_dir`) are refused with
-what to use instead. `cache_info` and `custom_attributes` are accepted without effect (the scan reads only
+Fine-tuning subsets (`metadata_file`) are refused with what to use instead; a `conditioning_data_dir`
+subset is a DreamBooth subset with masks (sd-scripts' ControlNet subset, without its limits: is_reg and
+mixing with other subsets are allowed). `cache_info` and `custom_attributes` are accepted without effect (the scan reads only
 image headers; only custom sd-scripts dataset code reads custom attributes). No torch here: `dataset check`
 reads a dataset_config the way training does.
 """
@@ -45,6 +49,7 @@ from typing import Any
 from loralab.data.augment import cache_conflict
 from loralab.data.captions import CaptionOptions
 from loralab.data.dataset import Subset, scan_subset
+from loralab.data.masks import NO_SUBSET_MASKS, attach_masks
 from loralab.errors import LoralabError
 
 log = logging.getLogger(__name__)
@@ -116,7 +121,8 @@ SUBSET_KEYS: dict[str, Kind] = {
     "caption_tag_dropout_rate": _number, "caption_extension": _str, "class_tokens": _str, "cache_info": _bool,
 }
 # [[datasets.subsets]] only (kohya DB_SUBSET_DISTINCT_SCHEMA)
-SUBSET_ONLY_KEYS: dict[str, Kind] = {"image_dir": _str, "is_reg": _bool, "alpha_mask": _bool}
+SUBSET_ONLY_KEYS: dict[str, Kind] = {"image_dir": _str, "is_reg": _bool, "alpha_mask": _bool,
+                                     "conditioning_data_dir": _str}  # kohya CN_SUBSET_DISTINCT_SCHEMA
 
 # kohya's defaults (its *Params dataclasses and argparse), for keys the training config does not have
 KOHYA_DEFAULTS: dict[str, Any] = {
@@ -129,6 +135,7 @@ KOHYA_DEFAULTS: dict[str, Any] = {
     "token_warmup_min": 1, "token_warmup_step": 0.0, "custom_attributes": None, "caption_dropout_rate": 0.0,
     "caption_dropout_every_n_epochs": 0, "caption_tag_dropout_rate": 0.0, "caption_extension": ".caption",
     "class_tokens": None, "cache_info": False, "image_dir": None, "is_reg": False, "alpha_mask": False,
+    "conditioning_data_dir": None,
 }
 # the training config's name of a dataset_config key, where it differs (kohya ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME)
 TRAINING_NAMES = {"batch_size": "train_batch_size"}
@@ -141,7 +148,6 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {  # key: (is the v
     "network_multiplier": (lambda v: v != 1.0, f"{NOT_IMPLEMENTED}; remove it or set it to 1.0"),
     "face_crop_aug_range": (lambda v: True, "face_crop_aug_range is not supported; remove the key"),
     "resize_interpolation": (lambda v: True, "only kohya's default (area down, lanczos up) is supported; remove the key"),
-    "alpha_mask": (bool, "alpha_mask (masked loss) is not supported yet; remove it or set it to false"),
 }
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (lambda v: v >= 1, "must be at least 1"),
@@ -162,8 +168,6 @@ _OTHER_SUBSETS = {
     "metadata_file": "fine-tuning subsets (metadata_file) are not supported: put each caption in a .txt file next "
                      "to its image (sd-scripts' finetune/ scripts wrote them into the metadata file), remove "
                      "metadata_file and set caption_extension = \".txt\"",
-    "conditioning_data_dir": "ControlNet / masked-loss subsets (conditioning_data_dir) are not supported: remove "
-                             "conditioning_data_dir to train on the images of image_dir without masks",
 }
 
 
@@ -206,7 +210,8 @@ class SubsetSpec:
         name = self.image_dir.name or self.image_dir.resolve().name
         return Subset(dir=self.image_dir, name=name, num_repeats=v["num_repeats"], class_tokens=v["class_tokens"] or "",
                       is_reg=v["is_reg"], caption_options=self.caption_options(), flip_aug=v["flip_aug"],
-                      color_aug=v["color_aug"], random_crop=v["random_crop"])
+                      color_aug=v["color_aug"], random_crop=v["random_crop"], alpha_mask=bool(v["alpha_mask"]),
+                      conditioning_data_dir=Path(v["conditioning_data_dir"]) if v["conditioning_data_dir"] else None)
 
 
 @dataclass
@@ -314,6 +319,7 @@ def _resolve(path: str | Path, defaults: Mapping[str, Any]) -> tuple[DatasetConf
         for s in (s for d in datasets for s in d.subsets):
             for key in (k for k in ("color_aug", "random_crop") if s.values[k]):
                 bad(s.where, cache_conflict(key))
+    _check_masks(datasets, defaults, bad)
     return DatasetConfig(p, datasets), problems
 
 
@@ -429,6 +435,30 @@ def _check_buckets(spec: DatasetSpec, bad) -> None:
                         f"{w},{h}; raise max_bucket_reso or lower resolution")
 
 
+def _check_masks(datasets: list[DatasetSpec], defaults: Mapping[str, Any], bad) -> None:
+    """The loss-mask keys (`data/masks.py`): conditioning_data_dir needs masked_loss (sd-scripts accepts it
+    only then), is a folder, and is not combined with alpha_mask in one subset; masked_loss needs a subset
+    with masks. The mask files themselves are checked when the images are scanned. The masked_loss rules
+    need the training config (`defaults` with masked_loss); the analysis commands have none."""
+    training, masked_loss = "masked_loss" in defaults, bool(defaults.get("masked_loss"))
+    subsets = [s for d in datasets for s in d.subsets]
+    for s in subsets:
+        folder = s.values["conditioning_data_dir"]
+        if folder is None:
+            continue
+        if training and not masked_loss:
+            bad(s.where, "conditioning_data_dir: mask images are used only with masked_loss = true (sd-scripts "
+                         "refuses the key without it); set masked_loss = true, or remove conditioning_data_dir")
+        if s.values["alpha_mask"]:
+            bad(s.where, "conditioning_data_dir and alpha_mask: a subset's masks come from one of them; remove one")
+        if not Path(folder).is_dir():
+            what = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            bad(s.where, f"conditioning_data_dir: {folder} {what}; give the folder of this subset's mask images "
+                         f"(named like the images)")
+    if masked_loss and subsets and not any(s.values["conditioning_data_dir"] or s.values["alpha_mask"] for s in subsets):
+        bad("masked_loss", NO_SUBSET_MASKS)
+
+
 def _check_image_dir(subset: SubsetSpec, config_path: Path, bad) -> None:
     d = subset.image_dir
     if d.is_dir():
@@ -453,7 +483,8 @@ def scan_dataset_config(dc: DatasetConfig) -> list[list[Subset]]:
     else "" with a warning), with the subset's own caption options, flip_aug, color_aug and random_crop.
     Skipped with a warning (as kohya does): num_repeats < 1, a folder already in the same dataset (the
     first one counts; the same folder in another dataset is fine: multi-resolution training), a folder
-    without images. A dataset left without training images is an error."""
+    without images. A dataset left without training images is an error, and so is a mask missing or of
+    another size than its image (`data/masks.py` attach_masks, for alpha_mask / conditioning_data_dir)."""
     out = []
     for ds in dc.datasets:
         subsets: list[Subset] = []
@@ -489,6 +520,10 @@ def scan_dataset_config(dc: DatasetConfig) -> list[list[Subset]]:
             raise LoralabError(f"dataset_config: {dc.path}: {ds.where}: no training images in its subsets "
                                f"({', '.join(str(s.image_dir) for s in ds.subsets)}); put .png/.jpg/.webp files in them")
         out.append(subsets)
+    try:
+        attach_masks([s for subsets in out for s in subsets])  # mask files by stem, their sizes; images without alpha
+    except LoralabError as e:
+        raise LoralabError(f"dataset_config: {dc.path}: {e}") from None
     return out
 
 

@@ -6,6 +6,11 @@ and, with flip_aug, `latents_flipped`. We add `ll_*` keys that say what the late
 (the image file, the bucket and crop, the VAE), and a file is rebuilt when any of them changed.
 kohya's legacy `<stem>.npz` is not read.
 
+Loss masks (`data/masks.py`) are cached with the latents: in memory as uint8 at the bucket's pixel size
+(flipped on use), on disk as `ll_loss_mask` with `ll_mask_id` (the mask file's name and sha256, or
+"alpha"), so a changed mask file, or a switch between mask sources, rebuilds the file. (kohya keeps
+alpha masks as float32 `alpha_mask`; 8 bits hold the same values in a quarter of the space.)
+
 Like kohya, caching freezes one VAE sample (`latent_dist.sample()`) per image; it is incompatible
 with per-step pixel augmentations (color_aug, random_crop), which the caller must refuse.
 """
@@ -25,6 +30,7 @@ from tqdm import tqdm
 from loralab.data.buckets import kohya_crop_ltrb
 from loralab.data.dataset import Sample
 from loralab.data.images import prepare_image
+from loralab.data.masks import mask_id, mask_pixels, mask_source
 from loralab.errors import LoralabError
 from loralab.io import atomic_save_npz
 
@@ -42,12 +48,13 @@ class CachedLatents:
     latents_flipped: torch.Tensor | None
     original_size: tuple[int, int]
     crop_ltrb: tuple[int, int, int, int]  # kohya's value (see buckets.kohya_crop_ltrb), for SDXL conditioning
+    mask: torch.Tensor | None = None  # the loss mask, uint8 (H, W) at the bucket size, not flipped; None: no mask
 
 
 def latent_key(sample: Sample) -> tuple:
-    """Samples with the same key share one latent: same file, same bucket, same resize and crop."""
+    """Samples with the same key share one latent: same file, same bucket, same resize and crop, same mask."""
     c = sample.choice
-    return (str(sample.entry.path), c.bucket, c.resized, c.crop_ltrb)
+    return (str(sample.entry.path), c.bucket, c.resized, c.crop_ltrb, str(mask_source(sample.entry)))
 
 
 def latents_npz_path(image_path: Path, image_size: tuple[int, int], suffix: str = SD_NPZ_SUFFIX) -> Path:
@@ -86,6 +93,16 @@ class LatentCache:
         if item.latents_flipped is None:
             raise KeyError(f"no flipped latents for {sample.entry.path}: cache_latents was called without flip_aug")
         return item.latents_flipped
+
+    def get_mask(self, sample: Sample, flipped: bool = False) -> torch.Tensor:
+        """The sample's loss mask, float32 (H, W) in [0, 1] at its bucket size, mirrored when `flipped`;
+        all ones for an image without a mask."""
+        item = self.entry(sample)
+        if item.mask is None:
+            w, h = sample.choice.bucket
+            return torch.ones(h, w)
+        mask = item.mask.float() / 255.0
+        return torch.flip(mask, dims=[1]) if flipped else mask
 
 
 def file_sha256(path: Path) -> str:
@@ -132,6 +149,10 @@ def _load_valid(npz_path: Path, sample: Sample, flip_aug: bool, vae_id: str) -> 
             return None
     if "latents" not in data or (flip_aug and "latents_flipped" not in data):
         return None
+    want_mask = mask_id(sample.entry)
+    if want_mask and (str(data.get("ll_mask_id", "")) != want_mask or "ll_loss_mask" not in data):
+        log.debug("%s: the loss mask changed, rebuilding", npz_path)
+        return None
     size, mtime = _image_fingerprint(sample.entry.path)
     if "ll_image_bytes" not in data or int(data["ll_image_bytes"]) != size:
         return None
@@ -144,6 +165,7 @@ def _load_valid(npz_path: Path, sample: Sample, flip_aug: bool, vae_id: str) -> 
         latents_flipped=torch.from_numpy(flipped).float() if flipped is not None else None,
         original_size=tuple(int(x) for x in data["original_size"]),
         crop_ltrb=tuple(int(x) for x in data["crop_ltrb"]),
+        mask=torch.from_numpy(data["ll_loss_mask"]) if want_mask else None,
     )
 
 
@@ -161,6 +183,9 @@ def _save(npz_path: Path, sample: Sample, item: CachedLatents, vae_id: str) -> N
     }
     if item.latents_flipped is not None:
         arrays["latents_flipped"] = item.latents_flipped.numpy()
+    if item.mask is not None:
+        arrays["ll_loss_mask"] = item.mask.numpy()
+        arrays["ll_mask_id"] = np.array(mask_id(sample.entry))
     try:
         atomic_save_npz(npz_path, arrays)
     except OSError as err:
@@ -197,7 +222,7 @@ def cache_latents(
     With `to_disk`, valid files from an earlier run are loaded instead of encoding, and new latents
     are written next to the images (kohya's file name). `vae_id` names the VAE (and anything else that
     changes latents, such as its dtype): a file made with another id is rebuilt.
-    All latents are kept in memory (float32, CPU) for the run.
+    All latents are kept in memory (float32, CPU) for the run, with each image's loss mask (`data/masks.py`).
     A non-finite latent raises LoralabError naming the image.
     """
     if batch_size < 1:
@@ -237,6 +262,8 @@ def cache_latents(
                         latents_flipped=flipped[i].clone() if flipped is not None else None,
                         original_size=sample.entry.size,
                         crop_ltrb=kohya_crop_ltrb(sample.choice.bucket, sample.entry.size),
+                        mask=(torch.from_numpy(mask_pixels(sample.entry, sample.choice))
+                              if mask_source(sample.entry) is not None else None),
                     )
                     cache.put(sample, item)
                     cache.num_encoded += 1

@@ -60,3 +60,17 @@ def stored_judge(scores) -> Judge:
     table = {s.epoch: {"concept": s.concept, "retention": s.retention["min"], "score": s.concept * s.retention["min"]}
              for s in scores}
     return Judge("the lab evaluator", lambda files: {e: table[e] for e in files if e in table}, COLUMNS)
+
+
+def shape_reader(device: str = "cpu"):
+    """The lab evaluator as an image judge for `loralab bleed`: images -> the shape each shows (None when the
+    evaluator finds no object)."""
+    from loralab.lab.evaluator import Evaluator
+    from loralab.lab.model import evaluator_path
+
+    ev = Evaluator.load(evaluator_path(), device=device)
+
+    def read(images) -> list:
+        return [p["shape"] for p in ev.predict([im.convert("RGB") for im in images])]
+
+    return read

@@ -59,15 +59,34 @@ def kohya_chunks(ids: torch.Tensor, n: int, pad_id: int, eos_id: int) -> torch.T
     return torch.stack(chunks, dim=1)
 
 
-def tokenize(tokenizer: CLIPTokenizer, captions: list[str], max_token_length: int | None = None) -> torch.Tensor:
+class TokenIds(tuple):
+    """A caption given as CLIP token ids (no BOS/EOS) instead of text: for prompts that no text spells, such as
+    one word piece alone (`vex` of `vexdef`: the text "vex" is the other token `vex</w>`). `tokenize` wraps it
+    BOS ... EOS and pads it like a text caption."""
+
+
+def _ids_row(tokenizer: CLIPTokenizer, caption, length: int) -> list[int]:
+    if isinstance(caption, str):
+        return list(tokenizer(caption, padding="max_length", truncation=True, max_length=length).input_ids)
+    body = list(caption)[:length - 2]
+    row = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+    return row + [tokenizer.pad_token_id] * (length - len(row))
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list, max_token_length: int | None = None) -> torch.Tensor:
     """Token ids (B, n*77) of captions for kohya's `--max_token_length` (n = 1, 2 or 3).
 
     n = 1: the usual BOS + 75 tokens + EOS, padded/truncated to 77. n > 1: the caption is tokenized to
     n*75 tokens between one BOS and one EOS, padded with the tokenizer's pad token and truncated, then cut
-    into n chunks of 77, each wrapped BOS ... EOS/PAD (`kohya_chunks`). Chunk c lives at [:, 77c : 77(c+1)]."""
+    into n chunks of 77, each wrapped BOS ... EOS/PAD (`kohya_chunks`). Chunk c lives at [:, 77c : 77(c+1)].
+    A caption may be `TokenIds` (ids without BOS/EOS) instead of text."""
     n = num_chunks(max_token_length)
     length = CHUNK if n == 1 else n * CHUNK_BODY + 2
-    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
+    if all(isinstance(c, str) for c in captions):
+        ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=length,
+                        return_tensors="pt").input_ids
+    else:
+        ids = torch.tensor([_ids_row(tokenizer, c, length) for c in captions], dtype=torch.long)
     if n == 1:
         return ids
     chunks = kohya_chunks(ids, n, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)

@@ -217,6 +217,7 @@ def write_review(result, run, drawn, prompts, controls, *, prompts_source: str, 
               "the last epoch neither burns at weight 1.0 nor copies training images.", ""]
     if result.judged:
         L += judged_lines(result, judge)
+    L += attention_lines(result, out)
     if run.problems:
         L += ["## Problems found in the run folder", ""] + [f"* {p}" for p in run.problems] + [""]
     L += ["## Loss", "", f"![loss]({files['loss']})", ""]
@@ -251,6 +252,22 @@ def write_review(result, run, drawn, prompts, controls, *, prompts_source: str, 
     atomic_write(report, lambda tmp: Path(tmp).write_text("\n".join(L) + "\n", encoding="utf-8"))
     write_json(result)
     return report
+
+
+def attention_lines(result, out: Path) -> list[str]:
+    """The DAAM maps of the activation tags at the recommended epoch (`attention.png`), with each tag's region."""
+    if result.attention is None:
+        return []
+    from loralab.review.attention import sheet
+
+    prompt, wm = result.attention
+    atomic_write(out / "attention.png", lambda tmp: sheet([(f"epoch {result.recommended}", wm)]).save(tmp, format="PNG"))
+    fig = wm.figures()
+    shares = ", ".join(f"`{w}` {v['region_share']:.0%} of the image" for w, v in fig["words"].items())
+    return [f"## Where the activation tags act (epoch {result.recommended})", "",
+            f"DAAM cross-attention maps (`loralab attention`) of the activation tags in `{prompt.prompt}`, drawn with "
+            f"the recommended epoch: {shares} (region: the map at 0.4 or more of its range).", "",
+            "![attention](attention.png)", ""]
 
 
 def judged_lines(result, judge) -> list[str]:

@@ -74,6 +74,7 @@ class ReviewResult:
     signals: dict[int, Any]
     judged: dict[int, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    attention: Any = None  # (prompt, review.attention.WordMaps) of the activation tags at the recommended epoch
 
 
 def review_run(folder: str | Path, opts: ReviewOptions | None = None, *, prompts: Sequence | None = None,
@@ -141,6 +142,7 @@ def _review(run, opts: ReviewOptions, prompts, judge, t0: float) -> ReviewResult
         sweep_signals(drawn, signals)
         best, reasons = recommend(signals)
         alarm, evidence = overfit_alarm(signals, best)
+        maps = _trigger_maps(sm, shown, triggers, files[best], seed)
         judged = {}
         if judge is not None:
             _tick(bar, f"scoring with {judge.name}")
@@ -148,13 +150,34 @@ def _review(run, opts: ReviewOptions, prompts, judge, t0: float) -> ReviewResult
     finally:
         sm.remove()
         bar.close()
-    result = ReviewResult(run.folder, out, out / "review.md", best, reasons, alarm, evidence, signals, judged)
+    result = ReviewResult(run.folder, out, out / "review.md", best, reasons, alarm, evidence, signals, judged,
+                          attention=maps)
     result.seconds = time.perf_counter() - t0
     write_review(result, run, drawn, shown, controls, prompts_source=source, triggers=triggers,
                  model_path=model_path, train_paths=train_paths, judge=judge, weights=opts.weights)
     log.info("review: %s (epoch %d recommended%s) in %.0f s", result.report, best,
              ", overfitting alarm" if alarm else "", result.seconds)
     return result
+
+
+def _trigger_maps(sm, prompts: Sequence, triggers: list[str], path: Path, seed: int):
+    """The DAAM maps (`review.attention`) of the trigger words in the first prompt that has one, drawn with the
+    recommended epoch's file; None when no prompt has a trigger word or the prompt is too long to map."""
+    from loralab.analyze.attention import prompt_tags
+    from loralab.review.attention import draw_with_maps
+
+    for p in prompts:
+        words = [t for t in triggers if t in prompt_tags(p.prompt)]
+        if words:
+            sm.apply(path, 1.0)
+            try:
+                return p, draw_with_maps(sm, p, words, seed=seed)
+            except LoralabError as e:
+                log.warning("review: no attention maps: %s", e)
+                return None
+            finally:
+                sm.remove()
+    return None
 
 
 def _controls(prompts: Sequence, triggers: list[str]) -> list:

@@ -4,7 +4,7 @@ Each guide term lives in one function named after it, with its formula in the do
 `noise_offset`, `pyramid_noise_like` (multires noise), `input_perturbation` (ip_noise_gamma),
 `sample_timesteps`, `training_target` (ε or v-parameterization), `compute_snr`, `min_snr_weight`,
 `debiased_estimation_weight`, `v_pred_like_noise_pred_scale`, `prior_loss_weight`, `scheduled_huber_c`,
-`elementwise_loss` (loss_type), `loss_per_sample`. `make_noisy_latents` chains the noise steps in kohya-ss
+`elementwise_loss` (loss_type), `apply_loss_mask` (masked_loss), `loss_per_sample`. `make_noisy_latents` chains the noise steps in kohya-ss
 sd-scripts' order (`train_util.get_noise_noisy_latents_and_timesteps`):
 
     noise = randn_like(latents)
@@ -16,6 +16,7 @@ sd-scripts' order (`train_util.get_noise_noisy_latents_and_timesteps`):
 and `loss_per_sample` the loss in kohya's order (`train_network.py` process_batch, post_process_loss):
 
     loss = elementwise_loss(pred, target, loss_type, scheduled_huber_c(t))   # l2, l1, huber, smooth_l1
+    loss = apply_loss_mask(loss, mask)                                       # masked_loss / alpha_mask
     loss = mean_{C,H,W}(loss) · loss_weights                                 # prior_loss_weight
     loss = loss · min_snr_weight → · scale_v_pred → + v_pred_like → · debiased_estimation_weight
 
@@ -42,6 +43,7 @@ from loralab.errors import LoralabError
 
 __all__ = [
     "LossOptions",
+    "apply_loss_mask",
     "compute_snr",
     "debiased_estimation_weight",
     "elementwise_loss",
@@ -382,6 +384,21 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = 
     return 2 * c * pseudo if loss_type == "huber" else 2 * pseudo
 
 
+def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sd-scripts' masked loss (`apply_masked_loss`): the element-wise loss (B, C, h, w) times each image's
+    mask, area-resized from its pixel size to the latent size:
+
+        loss · interpolate(mask, size=(h, w), mode="area")        mask: (B, 1, H, W) or (B, H, W) in [0, 1]
+
+    A latent pixel's weight is the mean of the mask over the pixels it covers. The mean over C, h, w that
+    follows is over all latent pixels, not only the masked ones (as in sd-scripts), so a mask that keeps a
+    quarter of the image also makes its loss about a quarter as large."""
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    mask = F.interpolate(mask.to(loss.device, loss.dtype), size=loss.shape[2:], mode="area")
+    return loss * mask
+
+
 @dataclass(frozen=True)
 class LossOptions:
     """The loss settings: kohya's arguments, the config keys of the same names (defaults: plain MSE)."""
@@ -408,10 +425,12 @@ def loss_per_sample(
     scheduler=None,
     options: LossOptions = LossOptions(),
     v_parameterization: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample training loss, kohya's `process_batch` / `post_process_loss` order (k = v_pred_like_noise_pred_scale):
 
         l_i = mean_{C,H,W} elementwise_loss(pred_i, target_i, loss_type, scheduled_huber_c(t_i))   (in float32)
+              (times the area-resized `mask` before the mean: `apply_loss_mask`, if a mask is given)
         l_i = l_i · loss_weights_i                          (prior_loss_weight for reg images, else 1)
         l_i = l_i · min_snr_weight(snr_i, γ, v_pred)        (if min_snr_gamma)
         l_i = l_i · k(snr_i)                                (if scale_v_pred_loss_like_noise_pred)
@@ -426,6 +445,8 @@ def loss_per_sample(
             raise ValueError(f"loss_type {options.loss_type!r} needs the timesteps and the noise scheduler")
         huber_c = scheduled_huber_c(scheduler, timesteps, options.huber_c, options.huber_schedule, options.huber_scale)
     loss = elementwise_loss(pred.float(), target.float(), options.loss_type, huber_c)
+    if mask is not None:
+        loss = apply_loss_mask(loss, mask)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if loss_weights is not None:
         loss = loss * loss_weights.to(loss.device, loss.dtype)

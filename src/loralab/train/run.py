@@ -244,8 +244,8 @@ def setup_folder_dataset(run: Run, steps: int) -> None:
     from loralab.data.dataset import FolderDataset, scan_folder_dataset, split_validation
 
     cfg = run.cfg
-    scanned = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None,
-                                  caption_extension=cfg.caption_extension, enable_wildcard=cfg.enable_wildcard)
+    scanned = scan_folder_dataset(cfg.train_data_dir, cfg.reg_data_dir or None, caption_extension=cfg.caption_extension,
+                                  enable_wildcard=cfg.enable_wildcard, alpha_mask=cfg.alpha_mask)
     run.subsets, val_subsets = split_validation(scanned, cfg.validation_split, cfg.validation_seed or cfg.seed)
     if cfg.validation_data_dir:
         val_subsets += scan_folder_dataset(cfg.validation_data_dir, caption_extension=cfg.caption_extension,

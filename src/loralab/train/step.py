@@ -43,6 +43,22 @@ def batch_latents(run: Run, batch: list, flips: list[bool], augments: list | Non
     return encode_images(run, images)
 
 
+def batch_masks(run: Run, batch: list, flips: list[bool], augments: list) -> torch.Tensor | None:
+    """The batch's loss masks (`data/masks.py`), (B, 1, H, W) in [0, 1], each through its image's crop and
+    flip: from the latent cache, or made now. None when no image of the batch has a mask; an image without
+    one gets all ones next to those that have one (sd-scripts' rule)."""
+    from loralab.data.masks import mask_source, prepare_mask
+
+    if all(mask_source(s.entry) is None for s in batch):
+        return None
+    if run.latent_cache is not None:
+        masks = [run.latent_cache.get_mask(s, flipped=f) for s, f in zip(batch, flips)]
+    else:
+        masks = [prepare_mask(s.entry, s.choice, flip=f, crop_ltrb=a.crop_ltrb if a is not None else None)
+                 for s, f, a in zip(batch, flips, augments)]
+    return torch.stack(masks).unsqueeze(1).to(run.device)
+
+
 def pixel_augments(run: Run, batch: list, rng: random.Random) -> list:
     """Each sample's random crop and colour change for this step (`data/augment.py` draw_pixel_augment), with
     its subset's color_aug / random_crop (a dataset_config subset's own, else the config's), drawn from the
@@ -90,8 +106,8 @@ def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.G
     """The weighted diffusion loss of one batch of dataset samples (a scalar):
 
         captions (kohya's pipeline), flips, crops and colours → latents → text conditioning (+ SDXL size/crop ids)
-        → noise, timesteps, noisy latents → UNet → target (ε or v) → per-sample loss (loss_type,
-        reg images × prior_loss_weight, SNR weights: min-SNR, v-pred scales, debiased) → mean.
+        → noise, timesteps, noisy latents → UNet → target (ε or v) → per-sample loss (loss_type, × the
+        loss masks, reg images × prior_loss_weight, SNR weights: min-SNR, v-pred scales, debiased) → mean.
     """
     from loralab.data.captions import process_caption
     from loralab.data.dataset import subset_flag
@@ -112,14 +128,16 @@ def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.G
     noise, noisy, timesteps = N.make_noisy_latents(latents, run.noise_scheduler, **cfg.noise_options(),
                                                    generator=generator)
     weights = N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight).to(run.device)
-    return loss_of_prediction(run, latents, noise, noisy, timesteps, cond, added, weights).mean()
+    masks = batch_masks(run, batch, flips, augments)
+    return loss_of_prediction(run, latents, noise, noisy, timesteps, cond, added, weights, masks).mean()
 
 
 def loss_of_prediction(run: Run, latents: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor,
                        timesteps: torch.Tensor, cond: torch.Tensor, added: dict[str, torch.Tensor],
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
+                       weights: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> torch.Tensor:
     """The UNet's prediction for the noisy latents against its target (ε or v), as a per-sample loss
-    (loss_type, × `weights`, × the SNR weights of the config): `train/noise.py` loss_per_sample."""
+    (loss_type, × the loss `masks`, × `weights`, × the SNR weights of the config): `train/noise.py`
+    loss_per_sample."""
     from loralab.train import noise as N
 
     model, dtype = run.model, run.weight_dtype
@@ -128,7 +146,7 @@ def loss_of_prediction(run: Run, latents: torch.Tensor, noise: torch.Tensor, noi
     target = N.training_target(run.noise_scheduler, latents, noise, timesteps, model.v_parameterization)
     return N.loss_per_sample(pred.float(), target.float(), loss_weights=weights, timesteps=timesteps,
                              scheduler=run.noise_scheduler, options=loss_options(run.cfg),
-                             v_parameterization=model.v_parameterization)
+                             v_parameterization=model.v_parameterization, mask=masks)
 
 
 def loss_options(cfg: TrainConfig) -> LossOptions:

@@ -48,6 +48,7 @@ class ValidationBatch:
     latents: torch.Tensor
     captions: list[str]
     time_ids: torch.Tensor | None
+    masks: torch.Tensor | None = None  # loss masks (masked_loss / alpha_mask), as in training
 
 
 @torch.no_grad()
@@ -56,6 +57,7 @@ def validation_inputs(run: Run) -> list[ValidationBatch]:
     its captions as written, its SDXL size/crop ids. The training's random state is left as it was."""
     from loralab.data.captions import process_caption
     from loralab.data.images import prepare_image
+    from loralab.data.masks import mask_source, prepare_mask
     from loralab.models.sdxl import batch_time_ids
 
     seed = run.cfg.validation_seed or run.cfg.seed
@@ -72,10 +74,12 @@ def validation_inputs(run: Run) -> list[ValidationBatch]:
             images = torch.stack([prepare_image(s.entry.path, s.choice, flip=False) for s in batch])
             time_ids = (batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch],
                                        [False] * len(batch), run.device) if run.sdxl else None)
+            masks = (torch.stack([prepare_mask(s.entry, s.choice) for s in batch]).unsqueeze(1).to(run.device)
+                     if any(mask_source(s.entry) is not None for s in batch) else None)
             inputs.append(ValidationBatch(
                 latents=encode_images(run, images),
                 captions=[process_caption(s.entry.caption, opts(s), epoch=1, rng=random.Random(0)) for s in batch],
-                time_ids=time_ids))
+                time_ids=time_ids, masks=masks))
     return inputs
 
 
@@ -98,7 +102,7 @@ def validation_loss(run: Run, inputs: list[ValidationBatch] | None = None) -> fl
                 noise = torch.randn(vb.latents.shape, generator=gen).to(run.device, vb.latents.dtype)
                 timesteps = torch.full((len(vb.captions),), t, dtype=torch.long, device=run.device)
                 noisy = run.noise_scheduler.add_noise(vb.latents, noise, timesteps)
-                loss = loss_of_prediction(run, vb.latents, noise, noisy, timesteps, cond, added)
+                loss = loss_of_prediction(run, vb.latents, noise, noisy, timesteps, cond, added, masks=vb.masks)
                 total += float(loss.sum())
                 count += len(vb.captions)
     finally:

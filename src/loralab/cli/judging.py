@@ -1,0 +1,204 @@
+"""The commands that draw with a LoRA: `generate`, `attention`, `bleed`, `review`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loralab.cli.dataset import _resolution
+from loralab.errors import LoralabError
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from loralab.review.generate import generate, parse_lora_arg
+    from loralab.train.sampling import parse_prompt_file, parse_prompt_line
+
+    prompts = [parse_prompt_line(t, where=f"prompt {i + 1}") for i, t in enumerate(args.prompt)]
+    if args.prompts:
+        prompts += parse_prompt_file(args.prompts)
+    if not prompts:
+        raise LoralabError("generate: give at least one prompt (\"a prompt --d 1\") or --prompts FILE")
+    loras = [parse_lora_arg(t) for t in args.lora]
+    paths = generate(args.model, prompts, args.out, loras=loras, device=args.device, precision=args.precision,
+                     sampler=args.sampler,
+                     seed=args.seed, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
+                     v_parameterization=args.v_parameterization)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="images from a base model with LoRAs at chosen weights (fixed seeds)",
+                       description="Each prompt in kohya's line syntax: 'prompt --n neg --w 512 --h 512 --d seed "
+                                   "--s steps --l cfg --ss sampler'.")
+    g.add_argument("prompt", nargs="*", help="prompts (kohya line syntax)")
+    g.add_argument("--model", required=True, help="base model: single file or diffusers folder")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA file and its weight (default 1.0); repeat to stack")
+    g.add_argument("--prompts", help="prompt file (.txt lines in kohya syntax, .toml, .json)")
+    g.add_argument("--out", default="generated", help="output folder (default: generated)")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompt i without --d: seed + i (default 0)")
+    g.add_argument("--sampler", default="", help="sampler (default ddim; euler_a for SDXL)")
+    g.add_argument("--clip-skip", type=int, default=0, help="as in training (2 for NAI-style anime models)")
+    g.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225), help="as in training")
+    g.add_argument("--v-parameterization", action="store_true", help="a v-prediction model (SD 2.x 768-v)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    g.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    g.set_defaults(func=cmd_generate)
+
+
+def cmd_attention(args: argparse.Namespace, extra: list[str]) -> int:
+    from loralab.review.attention import attention
+    from loralab.review.generate import parse_lora_arg
+    from loralab.train.sampling import parse_prompt_line
+
+    prompt = parse_prompt_line(args.prompt, where="prompt")
+    words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else []
+    result = attention(args.model, prompt, args.out, words=words, loras=[parse_lora_arg(t) for t in args.lora],
+                       device=args.device, precision=args.precision, seed=args.seed, sampler=args.sampler,
+                       clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+    for row in result["rows"]:
+        print(f"{row['label']}:")
+        for word, other in row["mass_inside"].items():
+            top = max(other.items(), key=lambda kv: kv[1]) if other else None
+            share = row["words"][word]["region_share"]
+            print(f"  {word!r}: region {share:.0%} of the image"
+                  + (f"; {top[1]:.0%} of its map inside {top[0]!r}" if top else ""))
+    print(f"maps: {args.out}/sheet.png, attention.json")
+    return 0
+
+
+def _add_attention_parser(sub) -> None:
+    a = sub.add_parser("attention", help="where each word of a prompt acts: DAAM cross-attention heat maps",
+                       description="Draws the prompt (kohya line syntax: 'prompt --w 512 --h 512 --d seed --s steps "
+                                   "--l cfg') and, per word, the DAAM heat map of its cross-attention; with --lora, "
+                                   "the base model and the LoRA on the same seed.")
+    a.add_argument("prompt", help="the prompt (kohya line syntax)")
+    a.add_argument("--model", required=True, help="base model: single file or diffusers folder")
+    a.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA file and its weight (default 1.0); repeat to stack")
+    a.add_argument("--words", default="", help="comma-separated words or tags to map (default: each tag of the prompt)")
+    a.add_argument("--out", default="attention", help="output folder (default: attention)")
+    a.add_argument("--seed", type=int, default=0, help="seed when the prompt has no --d (default 0)")
+    a.add_argument("--sampler", default="", help="sampler (default ddim; euler_a for SDXL)")
+    a.add_argument("--clip-skip", type=int, default=0, help="as in training (2 for NAI-style anime models)")
+    a.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225), help="as in training")
+    a.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    a.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    a.set_defaults(func=cmd_attention)
+
+
+def cmd_bleed(args: argparse.Namespace, extra: list[str]) -> int:
+
+    from loralab.review.bleed import BleedOptions, bleed
+    from loralab.review.generate import parse_lora_arg
+
+    spec = parse_lora_arg(args.lora)
+    size = _resolution(args.size) if args.size else (0, 0)
+    opts = BleedOptions(model=args.model, lora=spec.path, weight=spec.weight,
+                        tags=[t.strip() for t in args.tags.split(",") if t.strip()] if args.tags else [],
+                        dataset=args.dataset or "", class_word=args.class_word, contexts=list(args.context),
+                        seeds=args.seeds, seed=args.seed, steps=args.steps, scale=args.cfg, sampler=args.sampler,
+                        out=args.out, device=args.device, precision=args.precision, clip_skip=args.clip_skip,
+                        caption_extension=args.caption_extension)
+    if size != (0, 0):
+        opts.width, opts.height = size
+    judge = None
+    if not args.no_lab_scores and Path(args.model).exists() and Path(args.model).resolve() == _lab_model().resolve():
+        from loralab.lab.judge import shape_reader
+
+        judge = shape_reader(args.device or "cpu")
+    result = bleed(opts, judge=judge, progress=lambda s: print(s, flush=True))
+    for line in result["fixes"] or ["no bleeding found"]:
+        print(f"- {line}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _lab_model():
+    from loralab.lab.model import lab_model_path
+
+    return lab_model_path()
+
+
+def _add_bleed_parser(sub) -> None:
+    b = sub.add_parser("bleed", help="do a LoRA's concepts bleed through the token pieces their tags share?",
+                       description="Probes each activation tag, each of its token pieces, the class word and each pair "
+                                   "of tags, with and without the LoRA on the same seeds; reports the pieces that "
+                                   "carry a concept by themselves, the dominant concept and the guide's fixes.")
+    b.add_argument("--model", required=True, help="base model: single file or diffusers folder")
+    b.add_argument("--lora", required=True, metavar="FILE[:WEIGHT]", help="the LoRA file and its weight (default 1.0)")
+    b.add_argument("--dataset", help="the training folder (kohya layout): activation tags, images x repeats, balance")
+    b.add_argument("--tags", default="", help="comma-separated tags to probe (default: the dataset's activation tags)")
+    b.add_argument("--class-word", default="", help="the class word to probe too (e.g. woman, shape)")
+    b.add_argument("--context", action="append", default=[],
+                   help="tags after each probe, e.g. '1girl, solo' (repeat: cycled over the seeds)")
+    b.add_argument("--seeds", type=int, default=4, help="seeds per probe (default 4)")
+    b.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    b.add_argument("--size", default="", help="image size W,H (default: the model's own, e.g. 512 for SD 1.x, 1024 for SDXL, 32 for the lab model)")
+    b.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    b.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
+    b.add_argument("--sampler", default="", help="sampler (default ddim; euler_a for SDXL)")
+    b.add_argument("--caption-extension", default=".txt", help="caption files' extension (default .txt)")
+    b.add_argument("--no-lab-scores", action="store_true", help="on the lab model: skip the evaluator's reading")
+    b.add_argument("--out", default="bleed", help="output folder (default: bleed)")
+    b.add_argument("--clip-skip", type=int, default=0, help="as in training (2 for NAI-style anime models)")
+    b.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    b.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    b.set_defaults(func=cmd_bleed)
+
+
+def cmd_review(args: argparse.Namespace, extra: list[str]) -> int:
+
+    from loralab.review.review import ReviewOptions, review_run
+
+    try:
+        weights = tuple(float(w) for w in args.weights.split(","))
+    except ValueError:
+        raise LoralabError(f"--weights {args.weights!r}: comma-separated numbers, e.g. 0,0.5,1,1.5,2") from None
+    opts = ReviewOptions(model=args.model, prompts=args.prompts, out=args.out, name=args.name, weights=weights,
+                         device=args.device, precision=args.precision, batch_size=args.batch_size, seed=args.seed,
+                         max_prompts=args.max_prompts)
+    judge = None if args.no_lab_scores else _lab_judge(Path(args.folder), opts)
+    result = review_run(Path(args.folder), opts, judge=judge)
+    print(f"review: {result.report}")
+    print(f"recommended epoch: {result.recommended}" + ("  (overfitting alarm: see the review)" if result.alarm else ""))
+    return 0
+
+
+def _lab_judge(folder, opts):
+    """The lab evaluator as the review's ground truth, when the run was trained on the shipped lab model."""
+
+    from loralab.lab.model import lab_model_path
+    from loralab.review.runlog import read_run
+
+    model = opts.model or read_run(folder, opts.name).config.get("pretrained_model_name_or_path") or ""
+    if not model or not Path(model).exists() or Path(model).resolve() != lab_model_path().resolve():
+        return None
+    from loralab.lab.judge import lab_judge
+
+    return lab_judge(folder, opts.name, device=opts.device or "cpu")
+
+
+def _add_review_parser(sub) -> None:
+    r = sub.add_parser("review", help="judge a run's epochs: loss graph, sample grid, weight sweep, memorisation, "
+                                      "recommended epoch and overfitting alarm",
+                       description="Reads OUTPUT_DIR (a training run's folder: train_log.jsonl and the epoch files) "
+                                   "and writes OUTPUT_DIR/review/review.md with PNGs.")
+    r.add_argument("folder", metavar="OUTPUT_DIR", help="the run's output_dir")
+    r.add_argument("--model", default="", help="base model (default: the one the run logged)")
+    r.add_argument("--prompts", default="", help="prompt file, kohya syntax (default: the run's sample_prompts, "
+                                                 "else its training captions)")
+    r.add_argument("--weights", default="0,0.5,1,1.5,2", help="LoRA weights of the sweep (default 0,0.5,1,1.5,2)")
+    r.add_argument("--out", default="", help="output folder (default: OUTPUT_DIR/review)")
+    r.add_argument("--name", default="", help="output_name, when the folder holds several runs")
+    r.add_argument("--max-prompts", type=int, default=8, help="at most this many prompts (default 8)")
+    r.add_argument("--seed", type=int, default=0, help="seed of prompt i without --d: seed + i (default: the run's seed)")
+    r.add_argument("--batch-size", type=int, default=8, help="images per UNet call (default 8)")
+    r.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    r.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--no-lab-scores", action="store_true",
+                   help="on a lab-model run, skip the lab evaluator's scores (faster)")
+    r.set_defaults(func=cmd_review)
+
