@@ -50,10 +50,10 @@ def write_image(path: Path, size=(512, 512), seed=0, mode="RGB", caption: str | 
 
 
 def clean_dataset(root: Path) -> Path:
-    """train/10_alice: 4 captioned 512x512 images; train/5_bob: 4 images 384x640 (one bucket)."""
+    """train/5_alice: 4 captioned 512x512 images; train/5_bob: 4 images 384x640 (one bucket)."""
     train = root / "train"
     for i in range(4):
-        write_image(train / "10_alice" / f"a{i}.png", seed=i, caption=f"alice, smile, pose{i}")
+        write_image(train / "5_alice" / f"a{i}.png", seed=i, caption=f"alice, smile, pose{i}")
         write_image(train / "5_bob" / f"b{i}.png", (384, 640), seed=100 + i, caption=f"bob, red hair, view{i}")
     return train
 
@@ -70,14 +70,14 @@ def test_clean_dataset_reports_nothing(tmp_path):
     report = check_dataset(train, settings=BucketSettings(batch_size=4), progress=False)
     assert report.problems == []
     assert not report.has_errors
-    alice = next(c for c in report.concepts if c.name == "10_alice")
-    assert (alice.images, alice.repeats, alice.samples_per_epoch) == (4, 10, 40)
+    alice = next(c for c in report.concepts if c.name == "5_alice")
+    assert (alice.images, alice.repeats, alice.samples_per_epoch) == (4, 5, 20)
     assert alice.activation_tag == "alice" and alice.activation_source == "first tag"
-    assert alice.epoch_share == pytest.approx(40 / 60)
+    assert alice.epoch_share == pytest.approx(20 / 40)
     assert [b.resolution for b in report.buckets] == [(384, 640), (512, 512)]
-    assert report.steps_per_epoch == 10 + 5
+    assert report.steps_per_epoch == 5 + 5
     text = render_report(report)
-    assert "10_alice" in text and "0 errors, 0 warnings" in text
+    assert "5_alice" in text and "0 errors, 0 warnings" in text
 
 
 @pytest.fixture
@@ -209,7 +209,7 @@ def test_cli_check_json_exit_status(tmp_path):
     ok = run_cli("dataset", "check", str(train), "--json", "--batch-size", "4")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["counts"] == {"error": 0, "warning": 0, "info": 0}
-    (train / "10_alice" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (train / "5_alice" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     bad = run_cli("dataset", "check", str(train), "--json")
     assert bad.returncode == 1
     data = json.loads(bad.stdout)
@@ -263,7 +263,7 @@ LOOP = ("a symlink loop (following it leads back to itself): it is skipped; poin
 
 def test_symlink_loops_and_broken_links_are_findings_not_silence(tmp_path):
     train = clean_dataset(tmp_path)
-    c = train / "10_alice"
+    c = train / "5_alice"
     symlink_or_skip(c / "loop.png", "loop.png")  # ln -s loop.png loop.png
     os.symlink("b.png", c / "a.png")  # a -> b, b -> a
     os.symlink("a.png", c / "b.png")
@@ -285,8 +285,8 @@ def test_symlink_loops_and_broken_links_are_findings_not_silence(tmp_path):
                                                      "point the link at the real file (or folder) or delete it",
     }
     text = render_report(report)
-    assert f"10_alice/loop.png: {LOOP}" in text and "7_loop: " + LOOP in text
-    assert next(x for x in report.concepts if x.name == "10_alice").images == 4
+    assert f"5_alice/loop.png: {LOOP}" in text and "7_loop: " + LOOP in text
+    assert next(x for x in report.concepts if x.name == "5_alice").images == 4
     assert tree_state(tmp_path) == before
     cli = run_cli("dataset", "check", str(train), "--json")
     assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr
@@ -301,7 +301,7 @@ def test_a_1x1_image_is_named_by_the_check_and_by_training_in_the_same_words(tmp
     from loralab.data.dataset import FolderDataset, scan_folder_dataset
 
     train = clean_dataset(tmp_path)
-    dot = write_image(train / "10_alice" / "dot.png", (1, 1), seed=9, caption="alice, dot")
+    dot = write_image(train / "5_alice" / "dot.png", (1, 1), seed=9, caption="alice, dot")
     before = tree_state(tmp_path)
     words = ("1x1 is less than half the training area 512x512: it is upscaled x512.0 to its 512x512 bucket and "
              "trains blurry; use a larger image")
@@ -313,6 +313,6 @@ def test_a_1x1_image_is_named_by_the_check_and_by_training_in_the_same_words(tmp
     with caplog.at_level(logging.WARNING):
         subsets = scan_folder_dataset(train, caption_extension=".txt")
         FolderDataset(subsets, resolution=(512, 512), batch_size=4, enable_bucket=True)
-    # one warning for the file, though its folder repeats it 10 times an epoch
+    # one warning for the file, though its folder repeats it 5 times an epoch
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", f"{dot}: {words}")]
     assert tree_state(tmp_path) == before

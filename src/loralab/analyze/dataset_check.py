@@ -113,6 +113,7 @@ HEAVY_CROP_SHARE = 0.25
 PHASH_NEAR = 8  # near duplicate: pHash and dHash Hamming distances (of 64 bits) both at most these
 DHASH_NEAR = 10
 GRAY_TAGS = ("monochrome", "greyscale", "grayscale")
+MAX_REPEATS = 5  # the guide: more repeats only overfit the same images (also the balance rule in analyze/tokens.py)
 
 Activations = dict[int, ActivationTag]  # id(train subset) -> its activation tag
 
@@ -406,6 +407,16 @@ def several_activation_tags(ds: ScannedDataset, activations: Activations) -> lis
     return problems
 
 
+def too_many_repeats(ds: ScannedDataset) -> list[Problem]:
+    """too_many_repeats: a train concept with more than MAX_REPEATS (5) repeats. The guide: more repeats only
+    show the same images more often and overfit them; balance concepts with fewer repeats (or more images)."""
+    return [problem("warning", "too_many_repeats", s.dir,
+                    f"{s.num_repeats} repeats: more than {MAX_REPEATS} only show the same images more often and overfit "
+                    f"them; use at most {MAX_REPEATS} (balance concepts with `loralab tokens --dataset`), or add images",
+                    s.name)
+            for s in ds.train_subsets if s.num_repeats > MAX_REPEATS]
+
+
 # ----------------------------------------------------------------------------------------- buckets and batches
 
 
@@ -553,7 +564,7 @@ def check_scanned(ds: ScannedDataset, settings: BucketSettings, *, max_tokens: i
     activations = {id(s): activation_tag(ds.images_of(s), s.class_tokens) for s in ds.train_subsets}
     encodings = caption_encodings([im.caption or "" for im in ds.images])
     problems += check_captions(ds, activations, encodings, max_tokens)
-    problems += several_activation_tags(ds, activations)
+    problems += several_activation_tags(ds, activations) + too_many_repeats(ds)
     folder_ds = epoch_dataset(ds, settings, unusable)
     buckets, suggestion, batch_problems = check_batches(folder_ds, settings.batch_size)
     problems += batch_problems

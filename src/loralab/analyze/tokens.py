@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loralab.analyze.dataset_check import activation_tag, format_table, scan_dataset
+from loralab.analyze.dataset_check import MAX_REPEATS, activation_tag, format_table, scan_dataset
 from loralab.analyze.scan import ScannedDataset
 from loralab.errors import LoralabError
 
-MAX_REPEATS = 5
 BALANCE_EXPLANATION = (
     "Why balance: tokens shared by several activation tags are trained by every concept that has them, and "
     "each concept pulls them towards its own look in proportion to how often it is seen. Each epoch shows every "

@@ -45,7 +45,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(dry_run(cfg, sources))
         return 0
     from loralab.recipes.lora import train
+    from loralab.train.optim import safeguard_warmup_warning
 
+    warning = safeguard_warmup_warning(cfg.optimizer_type, cfg.optimizer_args, cfg.lr_warmup_steps)
+    if warning:
+        log.warning(warning)
     result = train(cfg)
     return 130 if result.interrupted else 0
 
@@ -108,11 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a much smaller run (about a minute)")
     d.set_defaults(func=cmd_demo)
     from loralab.cli.dataset import _add_analysis_parsers
-    from loralab.cli.judging import _add_attention_parser, _add_bleed_parser, _add_generate_parser, _add_review_parser
+    from loralab.cli.judging import (
+        _add_attention_parser,
+        _add_bleed_parser,
+        _add_generate_parser,
+        _add_probe_parser,
+        _add_review_parser,
+    )
 
     _add_generate_parser(sub)
     _add_attention_parser(sub)
     _add_bleed_parser(sub)
+    _add_probe_parser(sub)
     _add_review_parser(sub)
     _add_config_parser(sub)
     _add_analysis_parsers(sub)

@@ -1,4 +1,4 @@
-"""The commands that draw with a LoRA: `generate`, `attention`, `bleed`, `review`."""
+"""The commands that draw with a LoRA or a base model: `generate`, `attention`, `bleed`, `probe`, `review`."""
 
 from __future__ import annotations
 
@@ -147,6 +147,52 @@ def _add_bleed_parser(sub) -> None:
     b.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
     b.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
     b.set_defaults(func=cmd_bleed)
+
+
+def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
+    from loralab.review.probe import ProbeOptions, probe, summary
+
+    size = _resolution(args.size) if args.size else (0, 0)
+    opts = ProbeOptions(model=args.model, tag=args.tag, class_word=args.class_word, contexts=list(args.context),
+                        seeds=args.seeds, seed=args.seed, stand_ins=args.stand_ins, width=size[0], height=size[1],
+                        steps=args.steps, scale=args.cfg, sampler=args.sampler, out=args.out, device=args.device,
+                        precision=args.precision, clip_skip=args.clip_skip)
+    judge = None
+    if not args.no_lab_scores and Path(args.model).exists() and Path(args.model).resolve() == _lab_model().resolve():
+        from loralab.lab.judge import shape_reader
+
+        judge = shape_reader(args.device or "cpu")
+    result = probe(opts, judge=judge, progress=lambda s: print(s, flush=True))
+    for line in summary(result):
+        print(line)
+    print(f"images: {Path(args.out) / 'probe.png'}, figures: {Path(args.out) / 'probe.json'}")
+    return 0
+
+
+def _add_probe_parser(sub) -> None:
+    p = sub.add_parser("probe", help="does the base model already know a tag? (a new concept or a modified one)",
+                       description="Draws the tag in its context, the context without it, the class word and made-up "
+                                   "stand-ins in its place, on the same seeds; says whether the base model knows the "
+                                   "tag and what the guide advises.")
+    p.add_argument("tag", help="the activation tag to probe")
+    p.add_argument("--model", required=True, help="base model: single file or diffusers folder")
+    p.add_argument("--class", dest="class_word", default="", help="the class word (e.g. woman, dog, shape)")
+    p.add_argument("--context", action="append", default=[],
+                   help="the prompt around the tag, {} marks its place (else 'tag, context'); repeat: cycled over "
+                        "the seeds (e.g. 'photo of {} woman, outdoors')")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--stand-ins", type=int, default=4, help="made-up words the tag is compared with (default 4)")
+    p.add_argument("--size", default="", help="image size W,H (default: the model's own, 32 for the lab model)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--sampler", default="", help="sampler (default ddim; euler_a for SDXL)")
+    p.add_argument("--no-lab-scores", action="store_true", help="on the lab model: skip the evaluator's reading")
+    p.add_argument("--out", default="probe", help="output folder (default: probe)")
+    p.add_argument("--clip-skip", type=int, default=0, help="as in training (2 for NAI-style anime models)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_probe)
 
 
 def cmd_review(args: argparse.Namespace, extra: list[str]) -> int:

@@ -60,7 +60,10 @@ def build_metadata(cfg: Any, run: RunInfo, *, epoch: int, step: int, final: bool
         "ss_network_module": cfg.network_module,
         "ss_network_dim": cfg.network_dim,
         "ss_network_alpha": cfg.network_alpha,
-        "ss_network_args": json.dumps(net_args),
+        # kohya writes ss_network_args only when network_args were given
+        "ss_network_args": json.dumps(net_args) if net_args else None,
+        # the prediction type, read by UIs to route a v-prediction LoRA of any family (sd_v2_v says it for SD 2.x only)
+        "ss_v_parameterization": True if run.v_parameterization else None,
     }
     if not cfg.no_metadata:
         md.update(training_keys(cfg, run))
@@ -75,7 +78,9 @@ def build_metadata(cfg: Any, run: RunInfo, *, epoch: int, step: int, final: bool
 def text_encoder_lr_value(cfg: Any) -> Any:
     """ss_text_encoder_lr: the text encoders' learning rate (learning_rate when unset); with one value per
     text encoder, that value when they are equal, else the list, e.g. "[1e-05, 2e-05]" (kohya writes its
-    list form the same way)."""
+    list form the same way); 0 for a UNet-only run (network_train_unet_only)."""
+    if cfg.network_train_unet_only:
+        return 0  # no text-encoder LoRA is trained: recorded as 0, as kohya_ss records UNet-only runs
     lr = cfg.text_encoder_lr
     if isinstance(lr, list):
         return lr[0] if len(set(lr)) == 1 else lr

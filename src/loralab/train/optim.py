@@ -433,3 +433,18 @@ def current_lrs(
         if "d" in group and group.get("lr") is not None:
             out[f"lr/d*lr/{name}"] = float(group["d"]) * float(group["lr"])
     return out
+
+
+def safeguard_warmup_warning(optimizer_type: str | None, optimizer_args: Any, lr_warmup_steps: Any) -> str | None:
+    """The guide's rule: Prodigy's `safeguard_warmup=True` is for runs with an LR warmup (it keeps the warmup's
+    small steps from shrinking Prodigy's estimate d); without warmup it only slows the estimate down. Returns
+    the warning, or None when it does not apply. Read before the model loads (`loralab train`)."""
+    if (optimizer_type or "").lower() != "prodigy":
+        return None
+    if parse_optimizer_args(optimizer_args).get("safeguard_warmup") is not True:
+        return None
+    if resolve_warmup_steps(lr_warmup_steps, 10**9) > 0:
+        return None
+    return ("optimizer_args safeguard_warmup=True with no warmup (lr_warmup_steps = 0): Prodigy's safeguard is "
+            "for runs with an LR warmup. Set lr_warmup_steps (e.g. \"5%\" with lr_scheduler = "
+            "\"constant_with_warmup\" or \"cosine\"), or drop safeguard_warmup=True.")
