@@ -395,7 +395,7 @@ def _kohya_option_problems(cfg: TrainConfig, opts: dict[str, Any], bad) -> None:
 
 def _network_type_problems(cfg: TrainConfig, opts: dict[str, Any], bad) -> None:
     """network_module / network_args of the network type: unknown algo or preset, a bad factor or unit, options
-    of another module, LoRA+ on a type without lora_up weights."""
+    of another module, LoRA+ on a type without lora_up weights, block-wise keys (network/blocks.py)."""
     try:
         net_cfg = cfg.network_config()
     except LoralabError as e:
@@ -404,6 +404,13 @@ def _network_type_problems(cfg: TrainConfig, opts: dict[str, Any], bad) -> None:
     if net_cfg.algo in ("loha", "lokr", "full") and any(opts.get(k) for k in LORAPLUS_KEYS):
         bad(f"loraplus_lr_ratio: LoRA+ trains the lora_up (B) weights faster; algo = {net_cfg.algo} has none. "
             "Remove the LoRA+ ratios, or use algo=locon / networks.lora")
+    if net_cfg.blocks:  # block-wise keys: numbers, presets, and lengths for the model's family (read from its keys)
+        from loralab.models.loader import peek_family
+        from loralab.network.blocks import block_problems
+
+        path = cfg.pretrained_model_name_or_path
+        for message in block_problems(net_cfg.blocks, peek_family(path) if path and Path(path).exists() else None):
+            bad(message)
 
 
 def _check_text_encoder_cache(cfg: TrainConfig) -> None:
@@ -425,7 +432,8 @@ def _check_text_encoder_cache(cfg: TrainConfig) -> None:
 
 
 def config_help(config_class: type[TrainConfig] = TrainConfig) -> str:
-    """Every key, its default and meaning, grouped; used by `loralab train --help`."""
+    """Every key, its default and meaning, grouped, then the block numbering of block-wise training; used by
+    `loralab train --help`."""
     lines: list[str] = []
     group = None
     for f in fields(config_class):
@@ -437,7 +445,9 @@ def config_help(config_class: type[TrainConfig] = TrainConfig) -> str:
         choices = f.metadata.get("choices")
         extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
         lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}{extra}")
-    return "\n".join(lines)
+    from loralab.network.blocks import NUMBERING_HELP
+
+    return "\n".join(lines + ["", NUMBERING_HELP])
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -89,7 +89,9 @@ class TrainConfig:
     network_args: list = _f([], "kohya network_args 'k=v' list: conv_dim, conv_alpha, rank_dropout, module_dropout, "
                             "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio; lycoris.kohya: "
                             "algo, preset, factor, dora_wd, use_tucker, decompose_both, dropout, block_size; "
-                            "networks.dylora: unit", group="network")
+                            "networks.dylora: unit; block-wise (networks.lora): down_lr_weight, mid_lr_weight, "
+                            "up_lr_weight, block_lr_zero_threshold, block_dims, block_alphas, conv_block_dims, "
+                            "conv_block_alphas (block numbering: end of `loralab train --help`)", group="network")
     conv_dim: int = _f(0, "rank for the ResNet 3x3 convs (LoCon); 0 = off", group="network")
     conv_alpha: float = _f(1.0, "alpha for conv_dim", group="network")
     rank_dropout: float = _f(0.0, "drop each rank with this probability (training only)", group="network")
@@ -218,6 +220,7 @@ class TrainConfig:
         """conv_dim, conv_alpha, rank_dropout, module_dropout and the three LoRA+ ratios: network_args win over
         top-level keys (kohya puts them there); plus the network type's options given in network_args (algo,
         preset, factor, dora_wd, unit, ...: network/types.py TYPE_ARGS)."""
+        from loralab.network.blocks import BLOCK_KEYS
         from loralab.network.types import TYPE_ARGS, parse_type_arg
 
         out = {"conv_dim": self.conv_dim, "conv_alpha": self.conv_alpha, "rank_dropout": self.rank_dropout,
@@ -227,6 +230,9 @@ class TrainConfig:
         for item in self.network_args:
             key, _, value = str(item).partition("=")
             key = key.strip()
+            if key in BLOCK_KEYS:  # block-wise keys (network/blocks.py), kept as given: their length needs the family
+                out[key] = value.strip()
+                continue
             if key in TYPE_ARGS:  # the network type's options (network/types.py), kept only when given
                 out[key] = parse_type_arg(key, value)
                 continue
@@ -251,6 +257,7 @@ class TrainConfig:
 
     def network_config(self, train_unet: bool | None = None):
         """The LoRA network's shape and dropouts (network/lora.py NetworkConfig)."""
+        from loralab.network.blocks import block_args
         from loralab.network.lora import NetworkConfig
 
         from loralab.network.types import type_config
@@ -263,7 +270,7 @@ class TrainConfig:
         return NetworkConfig(dim=self.network_dim, alpha=self.network_alpha,
                              rank_dropout=opts["rank_dropout"] or None, module_dropout=opts["module_dropout"] or None,
                              train_unet=not self.network_train_text_encoder_only if train_unet is None else train_unet,
-                             train_text_encoder=not self.network_train_unet_only, **kind)
+                             train_text_encoder=not self.network_train_unet_only, blocks=block_args(opts), **kind)
 
     def caption_options(self):
         """kohya's caption pipeline options (data/captions.py CaptionOptions)."""

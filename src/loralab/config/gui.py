@@ -32,6 +32,7 @@ from typing import Any
 from loralab.config.fields import TrainConfig
 from loralab.config.kohya import parse_command_line
 from loralab.errors import LoralabError
+from loralab.network.blocks import BLOCK_KEYS
 
 
 @dataclass
@@ -394,7 +395,11 @@ def _lycoris_network(d: dict, conv: GuiConversion, lora_type: str) -> None:
     field, then algo); "Kohya DyLoRA" -> networks.dylora with its fields when set. A field the GUI would pass with
     a value loralab refuses (train_norm=True, ...) is reported by the config checks with its key."""
     if lora_type == "Kohya DyLoRA":
-        args = [f"{k}={d[k]}" for k in DYLORA_ARGS + BLOCK_ARGS if d.get(k)]
+        args = [f"{k}={d[k]}" for k in DYLORA_ARGS + BLOCK_ARGS if d.get(k) and k not in BLOCK_KEYS]
+        for key in BLOCK_KEYS:  # the GUI passes them, kohya's networks.dylora reads none (loralab would refuse them)
+            if d.get(key):
+                conv.dropped.append((key, "LoRA_type \"Kohya DyLoRA\": kohya's networks.dylora ignores the "
+                                          "block-wise fields (they work with Standard and Kohya LoCon)"))
         module = "networks.dylora"
     else:
         algo, fields_ = LYCORIS_TYPES[lora_type]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from loralab.errors import LoralabError
+from loralab.network.blocks import BLOCK_KEYS, BlockPlan, block_index, block_plan
 from loralab.network.files import (
     canonical_keys,
     check_keys,
@@ -38,9 +39,9 @@ from loralab.network.files import (
 from loralab.network.modules import NetworkModule, effective_alpha
 from loralab.network.targets import (
     FAMILIES,
-    PRESETS,
     PREFIX_TEXT_ENCODER_SDXL,
     PREFIX_UNET,
+    PRESETS,
     LoRATarget,
     alias_map,
     find_lora_targets,
@@ -80,9 +81,13 @@ class NetworkConfig:
     dora_wd: bool = False  # DoRA on LoRA / LoHa / LoKr
     wd_on_output: bool = False  # DoRA magnitude per output channel (diffusers) instead of per input (A1111)
     unit: int = 1  # DyLoRA
+    # kohya's block-wise network_args as given (blocks.BLOCK_KEYS: down/mid/up_lr_weight, block_dims, ...);
+    # resolved for the model family by `LoRANetwork.create` (blocks.block_plan)
+    blocks: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check_type()
+        self._check_blocks()
         if self.dim is None or int(self.dim) < 1:
             raise LoralabError(f"network_dim = {self.dim} is invalid: the LoRA rank must be a whole number >= 1 "
                                "(e.g. 4, 16, 32)")
@@ -131,6 +136,17 @@ class NetworkConfig:
                         "rank is dim², so it grows fast) and rarely help; the guide advises 32 or less",
                         self.algo, max(self.dim, self.conv_dim or 0))
 
+    def _check_blocks(self) -> None:
+        """Block keys belong to kohya's networks.lora (its networks.dylora and LyCORIS ignore them)."""
+        unknown = sorted(set(self.blocks) - set(BLOCK_KEYS))
+        if unknown:
+            raise LoralabError(f"network_args {', '.join(unknown)}: not a block-wise key; those are "
+                               f"{', '.join(BLOCK_KEYS)}")
+        if self.blocks and (self.algo != "lora" or self.preset is not None):
+            raise LoralabError(f"network_args {', '.join(self.blocks)}: block-wise dims and learning rates are "
+                               "kohya's networks.lora options (LoRA, LoCon with conv_dim); kohya's networks.dylora "
+                               "and LyCORIS ignore them. Use network_module = \"networks.lora\", or remove them")
+
     def dim_alpha(self, target: LoRATarget) -> tuple[int | None, float | None]:
         """(dim, alpha) kohya gives a target: 3x3 convs conv_dim/conv_alpha (None: skipped), else dim/alpha."""
         if target.conv3x3:
@@ -176,6 +192,7 @@ class LoRANetwork(nn.Module):
                 raise ValueError(f"duplicate LoRA module {m.lora_name}")
             self.add_module(m.lora_name, m)
         self._aliases: dict[str, str] = dict(aliases or {})  # other spelling -> kohya name
+        self.block_plan: BlockPlan | None = None  # block-wise dims / lr weights (network/blocks.py)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -185,16 +202,24 @@ class LoRANetwork(nn.Module):
         from loralab.network.types import make_module
 
         cfg = cfg or NetworkConfig()
+        plan = block_plan(cfg.blocks, family, cfg.dim, cfg.alpha, cfg.conv_dim, cfg.conv_alpha) if cfg.blocks else None
         targets = find_lora_targets(unet if cfg.train_unet else None,
                                     text_encoders if cfg.train_text_encoder else [], family,
-                                    include_conv=cfg.conv_dim is not None, preset=cfg.preset)
-        modules = []
+                                    include_conv=cfg.conv_dim is not None or bool(plan and plan.conv_dims),
+                                    preset=cfg.preset)
+        modules, skipped = [], 0
         for t in targets:
-            dim, alpha = cfg.dim_alpha(t)
+            dim, alpha = plan.dim_alpha(t.lora_name, t.conv3x3) if plan and t.side == "unet" else cfg.dim_alpha(t)
             if dim or (cfg.algo == "full" and (not t.conv3x3 or cfg.conv_dim is not None)):
                 # 3x3 convs without conv_dim are skipped, like kohya and LyCORIS
                 modules.append(make_module(t, dim or 1, alpha, multiplier, cfg))
+            else:
+                skipped += plan is not None and (not t.conv3x3 or plan.conv_dims is not None)
         net = cls(modules, family, {t.lora_name: t.side for t in targets}, alias_map(targets))
+        net.block_plan = plan
+        if plan is not None:
+            log.info("block-wise network: %d UNet modules left out (their block's dim or lr weight is 0); blocks:\n  %s",
+                     skipped, "\n  ".join(plan.describe()))
         log.info("%s network: %d text-encoder and %d UNet modules (dim %d, alpha %g%s)",
                  cfg.algo + (" + DoRA" if cfg.dora_wd else ""),
                  len(net.text_encoder_loras), len(net.unet_loras), cfg.dim, effective_alpha(cfg.alpha, cfg.dim),
@@ -243,6 +268,8 @@ class LoRANetwork(nn.Module):
             sd = {k: v for k, v in sd.items() if k.split(".", 1)[0] not in dropped_set}
         net = cls(modules, family, {t.lora_name: t.side for t in targets}, alias_map(targets))
         net.load_weights(sd)
+        if cfg.blocks:  # block lr weights apply to the file's modules (kohya's create_network_from_weights)
+            net.block_plan = block_plan(cfg.blocks, family, cfg.dim, cfg.alpha, cfg.conv_dim, cfg.conv_alpha)
         log.info("network from %s: %d text-encoder and %d UNet modules, types %s, dims %s", where,
                  len(net.text_encoder_loras), len(net.unet_loras), net.types(),
                  sorted({m.lora_dim for m in net.text_encoder_loras + net.unet_loras}))
@@ -291,11 +318,15 @@ class LoRANetwork(nn.Module):
         two groups, "<name>" (lora_down, and whatever else is not lora_up) at lr and "<name> plus" (every
         lora_up weight, LoCon convs included) at lr x ratio, in that order; kohya's log names are then
         `lr/unet plus`, `lr/textencoder plus`. Without ratios the groups are exactly the ones above.
+
+        Block lr weights (`block_plan`, kohya's down/mid/up_lr_weight): the UNet group splits into one group per
+        block, "unet_block<k>" at lr x the block's weight, in module order (then LoRA+ splits each of them).
         """
         self.requires_grad_(True)
         groups = []
-        te_parts = [(*part, loraplus_text_encoder_ratio) for part in self._text_encoder_parts(text_encoder_lr)]
-        for name, loras, lr, ratio in (*te_parts, ("unet", self.unet_loras, unet_lr, loraplus_unet_ratio)):
+        parts = [(*part, loraplus_text_encoder_ratio) for part in self._text_encoder_parts(text_encoder_lr)]
+        parts += [(*part, loraplus_unet_ratio) for part in self._unet_parts(learning_rate if unet_lr is None else unet_lr)]
+        for name, loras, lr, ratio in parts:
             if not loras:
                 continue
             lr = learning_rate if lr is None else lr
@@ -311,8 +342,19 @@ class LoRANetwork(nn.Module):
             groups.append({"params": [p for n, p in named if "lora_up" not in n], "lr": float(lr), "name": name})
             groups.append({"params": [p for n, p in named if "lora_up" in n], "lr": float(lr) * float(ratio),
                            "name": f"{name} plus"})
-            log.info("%s LoRA+: lora_up at learning rate %s x %s", name, lr, ratio)
+            (log.debug if name.startswith("unet_block") else log.info)("%s LoRA+: lora_up at learning rate %s x %s",
+                                                                      name, lr, ratio)
         return [g for g in groups if g["params"]]
+
+    def _unet_parts(self, lr: float | None) -> list[tuple[str, list, float | None]]:
+        """(group name, modules, lr) of the UNet for `param_groups`: one part, or one per block with block lr."""
+        if self.block_plan is None or self.block_plan.lr_weight is None:
+            return [("unet", self.unet_loras, lr)]
+        by_block: dict[int, list[NetworkModule]] = {}
+        for m in self.unet_loras:
+            by_block.setdefault(block_index(m.lora_name, self.family), []).append(m)
+        return [(f"unet_block{k}", loras, None if lr is None else lr * self.block_plan.weight(k))
+                for k, loras in by_block.items()]
 
     def _text_encoder_parts(self, lr: float | Sequence[float] | None) -> list[tuple[str, list, float | None]]:
         """(group name, modules, lr) of the text encoders for `param_groups`."""

@@ -38,8 +38,22 @@ def dry_run(cfg: TrainConfig, sources: dict[str, str]) -> str:
     lines += ["", "dataset:"] + dataset_lines(run)
     lines += ["", f"model: {cfg.pretrained_model_name_or_path}: "
                   f"{FAMILY_NAMES.get(family, 'family not recognised from its key names')} (weights not loaded)"]
+    lines += block_lines(cfg, family)
     lines += ["", "dry run: the config and the dataset are valid; nothing was loaded or written."]
     return "\n".join(lines)
+
+
+def block_lines(cfg: TrainConfig, family: str | None) -> list[str]:
+    """With block-wise network_args: each UNet block's dims and lr weight (network/blocks.py)."""
+    from loralab.network.blocks import block_plan
+
+    net = cfg.network_config()
+    plan = block_plan(net.blocks, family, net.dim, net.alpha, net.conv_dim, net.conv_alpha) if net.blocks and family \
+        else None
+    if plan is None:
+        return []
+    return ["", "UNet blocks (kohya's numbering; dim 0 or lr x 0: no modules; the text encoders keep network_dim):"] \
+        + [f"  {line}" for line in plan.describe()]
 
 
 def config_lines(cfg: TrainConfig, sources: dict[str, str]) -> list[str]:
