@@ -96,3 +96,23 @@ def test_text_encoder_lr_is_zero_for_unet_only_runs(tmp_path, tiny_sd1_checkpoin
     assert md["ss_text_encoder_lr"] == "0" and md["ss_unet_lr"] == "0.001"
     md = build_metadata(_cfg(tmp_path, tiny_sd1_checkpoint, text_encoder_lr="5e-5"), _run(), epoch=1, step=2, final=True)
     assert md["ss_text_encoder_lr"] == "5e-05"
+
+
+def test_train_and_dry_run_say_the_safeguard_warning_before_the_model_loads(tmp_path, tiny_sd1_checkpoint, caplog):
+    import json
+
+    from loralab.cli import main as cli_main
+    from test_train import base_cfg, make_dataset
+
+    img, _ = make_dataset(tmp_path, concepts=(("1_solo", 1),), reg=False)
+    keys = base_cfg(tiny_sd1_checkpoint, img, tmp_path / "out", optimizer_type="Prodigy", learning_rate=1.0)
+    toml = tmp_path / "c.toml"
+    toml.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items()) + '\noptimizer_args = ["safeguard_warmup=True"]\n')
+    with caplog.at_level("WARNING"):
+        assert cli_main(["train", "--config", str(toml), "--dry-run"]) == 0
+    assert "safeguard_warmup=True with no warmup" in caplog.text
+    caplog.clear()
+    toml.write_text(toml.read_text() + 'lr_warmup_steps = 10\nlr_scheduler = "constant_with_warmup"\n')
+    with caplog.at_level("WARNING"):
+        assert cli_main(["train", "--config", str(toml), "--dry-run"]) == 0
+    assert "safeguard_warmup" not in caplog.text

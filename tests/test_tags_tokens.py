@@ -15,9 +15,17 @@ from PIL import Image
 
 from loralab.analyze.tags import analyze_tags, render_tags
 from loralab.analyze.tokens import (
+    ADVICE,
+    COMMON_MAX_ID,
+    COMMON_WORD,
+    EMPTY,
+    RARE_TOKEN,
+    SPLIT,
     balance_repeats,
+    rate_tag,
     dataset_tokens,
     render_dataset_tokens,
+    render_text_tokens,
     text_tokens,
     tokenize_tags,
 )
@@ -145,3 +153,85 @@ def test_cli_tokens_and_tags(jinx):
     assert tags.returncode == 0 and json.loads(tags.stdout)["tag_frequency"]["5_jinxarcane"]["braid"] == 3
     none = run_cli("tokens")
     assert none.returncode == 2 and none.stderr.startswith("error: ")
+
+
+def test_bpe_ids_are_a_frequency_proxy():
+    """The rule's premise, measured on the real vocab: frequent words have low ids, made-up tags high ones."""
+    ids = {t.tag: t.ids for t in tokenize_tags(["the", "red", "girl", "hair", "sks", "ohwx", "olis"])}
+    assert ids == {"the": [518], "red": [736], "girl": [1611], "hair": [2225], "sks": [48136], "ohwx": [47993],
+                   "olis": [49397]}
+    assert max(ids["hair"]) < COMMON_MAX_ID == 20000 < min(ids["ohwx"])
+
+
+def test_rate_common_rare_split_and_empty():
+    girl, sks, jinx, blue_hair = tokenize_tags(["girl", "sks", "jinxdef", "blue hair"])
+    assert girl.rating.kind == COMMON_WORD and girl.rating.common == [True] and girl.rating.common_pieces == []
+    assert girl.rating.advice == ADVICE[COMMON_WORD] and "pick a rare token or accept the drift" in girl.rating.advice
+    assert sks.rating.kind == RARE_TOKEN and sks.rating.common == [False]
+    assert "what the guide recommends for a new concept" in sks.rating.advice
+    assert jinx.tokens == ["jin", "x", "def</w>"] and jinx.rating.kind == SPLIT
+    assert jinx.rating.common_pieces == ["jin", "x", "def</w>"]
+    assert jinx.rating.advice.startswith("3 of 3 pieces are common (jin, x, def) and carry their own meaning")
+    assert "bleeding" in jinx.rating.advice and "pivotal tuning" in jinx.rating.advice
+    assert blue_hair.rating.kind == SPLIT and blue_hair.rating.common_pieces == ["blue</w>", "hair</w>"]
+    # a split of rare pieces: no common piece is named
+    rare_split = rate_tag(["sks", "ohwx</w>"], [48135, 47993])
+    assert rare_split.kind == SPLIT and rare_split.common_pieces == [] and rare_split.advice == ADVICE[SPLIT]
+    # the threshold is the rule: one id either side of it
+    assert rate_tag(["a</w>"], [COMMON_MAX_ID - 1]).kind == COMMON_WORD
+    assert rate_tag(["a</w>"], [COMMON_MAX_ID]).kind == RARE_TOKEN
+    assert rate_tag([], []).kind == EMPTY and "trains nothing" in rate_tag([], []).advice
+
+
+def test_ratings_in_text_and_json(jinx):
+    result = text_tokens(["jinxdef, girl, sks"])
+    text = render_text_tokens(result)
+    assert "jinxdef: split: 3 of 3 pieces are common" in text
+    assert f"girl: common word: {ADVICE[COMMON_WORD]}" in text and f"sks: rare token: {ADVICE[RARE_TOKEN]}" in text
+    data = json.loads(result.to_json())
+    assert data["tags"][0]["tokens"] == ["jin", "x", "def</w>"]  # the existing fields are unchanged
+    assert data["tags"][0]["rating"]["kind"] == "split" and data["tags"][2]["rating"]["kind"] == "rare token"
+    assert data["tags"][0]["rating"]["common_max_id"] == COMMON_MAX_ID
+    ds = dataset_tokens(jinx)
+    assert "jinxarcane: split:" in render_dataset_tokens(ds)
+    kinds = {c["activation_tag"]: c["rating"]["kind"] for c in json.loads(ds.to_json())["concepts"]}
+    assert kinds == {"jinxdef": "split", "jinxarcane": "split", "vi": "common word"}  # vi</w> is id 4259
+
+
+def test_cli_tokens_rates_tags():
+    out = run_cli("tokens", "jinxdef, sks", "--json")
+    assert out.returncode == 0, out.stderr
+    tags = json.loads(out.stdout)["tags"]
+    assert [t["rating"]["kind"] for t in tags] == ["split", "rare token"]
+    assert tags[0]["rating"]["common_pieces"] == ["jin", "x", "def</w>"]
+
+
+def test_embeddings_on_the_lab_model_tell_known_words_from_new_ones():
+    """The lab model's text encoder learned only its world's words: those stand out, the held-out shape `ring`
+    (the lab's planted new concept), `sks` and jinxdef's pieces do not."""
+    from loralab.analyze.tokens import KNOWN_Z, add_embeddings
+    from loralab.lab.model import lab_model_path
+
+    result = text_tokens(["red circle, large, ring, sks, jinxdef"])
+    add_embeddings(result, lab_model_path())
+    known = {e.token: e.known for t in result.tags for e in t.embedding}
+    assert known == {"red</w>": True, "circle</w>": True, "large</w>": True, "ring</w>": False, "sks</w>": False,
+                     "jin": False, "x": False, "def</w>": False}
+    red = result.tags[0].embedding[0]
+    assert red.norm_z > 2 * KNOWN_Z and red.nearest[0] == "orange"  # the nearest common word is another colour
+    assert all(len(e.nearest) == 3 for t in result.tags for e in t.embedding)
+    text = render_text_tokens(result)
+    assert "nearest common words" in text and "orange" in text
+    assert json.loads(result.to_json())["tags"][3]["embedding"][0]["known"] is False
+
+
+def test_cli_tokens_model(jinx, tmp_path):
+    from loralab.lab.model import lab_model_path
+
+    out = run_cli("tokens", "--dataset", str(jinx), "--model", str(lab_model_path()), "--json")
+    assert out.returncode == 0, out.stderr
+    concepts = json.loads(out.stdout)["concepts"]
+    assert [e["token"] for e in concepts[0]["embedding"]] == concepts[0]["tokens"]
+    assert "embedding" in json.loads(run_cli("tokens", "sks", "--json").stdout)["tags"][0]  # None without --model
+    missing = run_cli("tokens", "sks", "--model", str(tmp_path / "nope.safetensors"))
+    assert missing.returncode != 0 and "model not found" in missing.stderr and "Traceback" not in missing.stderr

@@ -11,6 +11,24 @@ Balancing rule (`balance_repeats`): each concept's share of an epoch is proporti
 only show the same images more often and overfit them) so that images_i x r_i are as equal as possible:
 minimise the ratio max(images_i x r_i) / min(images_i x r_i); among equal ratios keep the repeats closest to
 the current ones, then the smaller ones.
+
+Rating rule (`rate_tag`, the guide's rare-token advice): CLIP's BPE vocabulary was built by merging the most
+frequent pair first, so a merged token's id (512 + its merge rank) is a proxy for how common it was in CLIP's
+training text. Measured on the vendored vocabulary: `the</w>` 518, `red</w>` 736, `photo</w>` 1125,
+`girl</w>` 1611, `hair</w>` 2225, `sword</w>` 11356, `armor</w>` 16167; `sks</w>` 48136, `ohwx</w>` 47993,
+`olis</w>` 49397 (ids run to 49407). A token is *common* when its id < COMMON_MAX_ID = 20000 (the first ~40%
+of the merges; single characters, ids < 512, are common too). A tag that is one token ending in `</w>` with a
+common id is a *common word*; one token with id >= 20000 is a *rare token*; a tag of several tokens is
+*split*, and its common pieces (`jinxdef` -> `jin`, `x`, `def</w>`: all common) carry their own meaning.
+The id is only a proxy: some real words the encoder knows well have high ids (`freckles</w>` 48036,
+`ponytail</w>` 43265); `loralab probe` measures what the base model actually does with a tag.
+
+With a base model (`--model`, `add_embeddings`), each token also gets its text-encoder input embedding
+measured: `norm_z`, how far its norm lies from the vocabulary's bulk (robust z: (norm - median) / (1.4826 x
+MAD) over all 49,408 tokens), `known` when norm_z >= KNOWN_Z = 3, and its 3 nearest common whole words by
+cosine. Tested on the lab model, whose text encoder learned only its world's words: `red</w>` 6.7,
+`large</w>` 4.7, `circle</w>` 3.4 are known; the held-out `ring</w>` (-1.2), `sks</w>` (0.5), `jin` (-0.3) are
+not. On real SD encoders this was not verified (every token there saw some training); read it as a hint.
 """
 
 from __future__ import annotations
@@ -35,11 +53,124 @@ BALANCE_EXPLANATION = (
 )
 
 
+COMMON_MAX_ID = 20000  # token ids below this are "common" (low BPE merge rank = frequent); see the docstring
+
+COMMON_WORD, RARE_TOKEN, SPLIT, EMPTY = "common word", "rare token", "split", "empty"
+
+ADVICE = {
+    COMMON_WORD: "a common word already means something to the text encoder: training changes that meaning, so "
+                 "expect its old meaning to leak into the concept (and the concept into prompts that use the word); "
+                 "pick a rare token or accept the drift",
+    RARE_TOKEN: "a rare single token is what the guide recommends for a new concept: it carries little meaning of "
+                "its own to leak or to fight (the id is a proxy: `loralab probe` checks what the model does with it)",
+    SPLIT: "split into several tokens: training moves every piece, and each piece's meaning leaks into other "
+           "prompts that use it (bleeding); check pieces shared with other tags, consider a rarer tag that is one "
+           "token, or pivotal tuning (train a new embedding for the tag)",
+    EMPTY: "no tokens: the tokenizer keeps nothing of this tag, so it trains nothing; use letters or digits",
+}
+
+
+@dataclass
+class TokenRating:
+    """What kind of tag this is for the text encoder, by the rule of the module docstring, and the guide's advice."""
+
+    kind: str  # "common word", "rare token", "split" or "empty"
+    common: list[bool]  # per token: id < COMMON_MAX_ID
+    common_pieces: list[str]  # split tags: the pieces that are common (they carry their own meaning)
+    advice: str
+    common_max_id: int = COMMON_MAX_ID
+
+
+def rate_tag(tokens: Sequence[str], ids: Sequence[int], common_max_id: int = COMMON_MAX_ID) -> TokenRating:
+    """Rate a tag's tokens: common word, rare token, split (with its common pieces) or empty."""
+    common = [i < common_max_id for i in ids]
+    if not ids:
+        kind = EMPTY
+    elif len(ids) == 1:
+        kind = COMMON_WORD if common[0] and tokens[0].endswith("</w>") else RARE_TOKEN
+    else:
+        kind = SPLIT
+    pieces = [t for t, c in zip(tokens, common) if c] if kind == SPLIT else []
+    advice = ADVICE[kind]
+    if kind == SPLIT and pieces:
+        shown = ", ".join(p.removesuffix("</w>") for p in pieces)
+        advice = f"{len(pieces)} of {len(ids)} pieces are common ({shown}) and carry their own meaning; " + advice
+    return TokenRating(kind, common, pieces, advice, common_max_id)
+
+
+KNOWN_Z = 3.0  # a token whose embedding norm lies this many robust standard deviations above the median is known
+
+
+@dataclass
+class TokenEmbedding:
+    """One token's input embedding in a base model's (first) text encoder; see the module docstring."""
+
+    token: str
+    id: int
+    norm: float
+    norm_z: float  # (norm - median) / (1.4826 x MAD) over the vocabulary
+    known: bool  # norm_z >= KNOWN_Z
+    nearest: list[str]  # the 3 nearest common whole words (id < COMMON_MAX_ID, ending in </w>) by cosine
+
+
+def token_embeddings(model: str | Path):
+    """The (vocab, dim) token embedding matrix of a model's first text encoder, read without loading the rest
+    where the weights are safetensors (a single file, or a diffusers folder's text_encoder/)."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(model)
+    if not path.exists():
+        raise LoralabError(f"tokens: model not found: {path}")
+    files = sorted(path.glob("text_encoder/*.safetensors")) if path.is_dir() else [path]
+    weight = None
+    for f in (f for f in files if f.suffix == ".safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            keys = sorted(k for k in sf.keys() if k.endswith("token_embedding.weight"))
+            if keys:
+                weight = sf.get_tensor(keys[0])
+                break
+    if weight is None:
+        from loralab.models.loader import load_base_model
+
+        weight = load_base_model(path).text_encoders[0].get_input_embeddings().weight.detach()
+    weight = weight.to(torch.float32)
+    if weight.ndim != 2 or weight.shape[0] != 49408:
+        raise LoralabError(f"tokens: {path}'s token embedding has shape {tuple(weight.shape)}, not CLIP's 49408 tokens")
+    return weight
+
+
+def embed_tokens(ids: Sequence[int], weight, tokens: Sequence[str] | None = None) -> list[TokenEmbedding]:
+    """Measure tokens `ids` in the embedding matrix `weight` (from `token_embeddings`)."""
+    import torch
+
+    norms = weight.norm(dim=1)
+    median = norms.median()
+    mad = float((norms - median).abs().median()) * 1.4826 or 1e-12
+    inv = {i: t for t, i in _tokenizer().get_vocab().items()}
+    common = torch.tensor([i for i in range(512, COMMON_MAX_ID) if inv[i].endswith("</w>")])
+    unit = torch.nn.functional.normalize(weight, dim=1)
+    out = []
+    for k, i in enumerate(ids):
+        sims = unit[common] @ unit[i]
+        near = [inv[int(j)].removesuffix("</w>") for j in common[sims.topk(4).indices] if int(j) != i][:3]
+        z = float((norms[i] - median) / mad)
+        out.append(TokenEmbedding(tokens[k] if tokens else inv[i], i, round(float(norms[i]), 4), round(z, 2),
+                                  z >= KNOWN_Z, near))
+    return out
+
+
 @dataclass
 class TagTokens:
     tag: str
     tokens: list[str]  # BPE pieces; a piece ending in "</w>" ends a word
     ids: list[int]
+    rating: TokenRating | None = None
+    embedding: list[TokenEmbedding] | None = None  # with a base model (`add_embeddings`)
+
+    def __post_init__(self):
+        if self.rating is None:
+            self.rating = rate_tag(self.tokens, self.ids)
 
 
 def _tokenizer():
@@ -105,6 +236,14 @@ def text_tokens(texts: Sequence[str]) -> TextTokens:
     return TextTokens(tagged, shared_tokens(tagged), n)
 
 
+def add_embeddings(result: TextTokens | DatasetTokens, model: str | Path) -> None:
+    """Fill each tag's (or activation tag's) `embedding` from the base model's text encoder."""
+    weight = token_embeddings(model)
+    for t in (result.tags if isinstance(result, TextTokens) else result.concepts):
+        if t.ids:
+            t.embedding = embed_tokens(t.ids, weight, t.tokens)
+
+
 # ----------------------------------------------------------------------------------------- dataset mode
 
 
@@ -145,6 +284,8 @@ class ConceptTokens:
     images: int
     repeats: int
     epoch_share: float  # images x repeats / sum over train concepts
+    rating: TokenRating | None = None  # None when the concept has no activation tag
+    embedding: list[TokenEmbedding] | None = None  # with a base model (`add_embeddings`)
 
 
 @dataclass
@@ -185,7 +326,8 @@ def dataset_tokens(train_dir: str | Path | None, *, caption_extension: str = ".t
         act = activation_tag(ds.images_of(s), s.class_tokens).tag
         tt = tokenize_tags([act], tok)[0] if act else TagTokens("", [], [])
         concepts.append(ConceptTokens(s.name, act, tt.tokens, tt.ids, s.img_count, s.num_repeats,
-                                      s.img_count * s.num_repeats / total if total else 0.0))
+                                      s.img_count * s.num_repeats / total if total else 0.0,
+                                      tt.rating if act else None))
     # shared tokens between concepts (two concepts with the same activation tag share all its tokens)
     by_id: dict[int, SharedToken] = {}
     for c in concepts:
@@ -234,9 +376,30 @@ def _spread(images: Sequence[int], repeats: Sequence[int]) -> float:
 # ----------------------------------------------------------------------------------------- terminal
 
 
+def render_ratings(rated: Sequence[tuple[str | None, TokenRating | None]]) -> str:
+    """One line per tag: its kind and the guide's advice (the rule: ids < COMMON_MAX_ID are common)."""
+    out = [f"\nwhat each tag is to the text encoder (common: token id < {COMMON_MAX_ID}, a low BPE merge rank):"]
+    for tag, r in rated:
+        if r is not None:
+            out.append(f"  {tag}: {r.kind}: {r.advice}")
+    return "\n".join(out)
+
+
+def render_embeddings(measured: Sequence[tuple[str | None, list[TokenEmbedding] | None]]) -> list[str]:
+    """With a base model: each token's embedding norm z-score, known or not, and its nearest common words."""
+    rows = [(tag, e.token, e.id, f"{e.norm_z:+.1f}", "known" if e.known else "-", ", ".join(e.nearest))
+            for tag, embs in measured for e in (embs or [])]
+    if not rows:
+        return []
+    return [f"\nin the base model's text encoder (known: embedding norm z >= {KNOWN_Z:g} over the vocabulary):",
+            format_table(["tag", "token", "id", "norm z", "known", "nearest common words"], rows, right=(2, 3))]
+
+
 def render_text_tokens(result: TextTokens) -> str:
     out = [format_table(["tag", "tokens", "ids"],
                         [(t.tag, " ".join(t.tokens), " ".join(map(str, t.ids))) for t in result.tags])]
+    out.append(render_ratings([(t.tag, t.rating) for t in result.tags]))
+    out += render_embeddings([(t.tag, t.embedding) for t in result.tags])
     out.append(f"\nas one caption: {result.caption_tokens} tokens of the 75 the text encoder reads")
     if result.shared:
         out.append("\ntokens shared by several tags (training one also trains the others):")
@@ -248,6 +411,8 @@ def render_dataset_tokens(result: DatasetTokens) -> str:
     out = [format_table(["concept", "activation tag", "tokens", "ids", "images", "repeats", "share"],
                         [(c.name, c.activation_tag or "-", " ".join(c.tokens), " ".join(map(str, c.ids)), c.images,
                           c.repeats, f"{c.epoch_share:.0%}") for c in result.concepts], right=(4, 5, 6))]
+    out.append(render_ratings([(c.activation_tag, c.rating) for c in result.concepts if c.rating]))
+    out += render_embeddings([(c.activation_tag, c.embedding) for c in result.concepts])
     if not result.shared:
         out.append("\nthe activation tags share no token: the concepts do not compete for tokens")
         return "\n".join(out)

@@ -39,17 +39,18 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = parse_command_line(extra)
     sources: dict[str, str] = {}
     cfg = build_config(args.config, overrides, sources=sources)
+    from loralab.train.optim import safeguard_warmup_warning
+
+    warning = safeguard_warmup_warning(cfg.optimizer_type, cfg.optimizer_args, cfg.lr_warmup_steps)
+    if warning:  # the guide's warnings, before the model loads (and in a dry run)
+        log.warning(warning)
     if args.dry_run:
         from loralab.train.dry_run import dry_run
 
         print(dry_run(cfg, sources))
         return 0
     from loralab.recipes.lora import train
-    from loralab.train.optim import safeguard_warmup_warning
 
-    warning = safeguard_warmup_warning(cfg.optimizer_type, cfg.optimizer_args, cfg.lr_warmup_steps)
-    if warning:
-        log.warning(warning)
     result = train(cfg)
     return 130 if result.interrupted else 0
 

@@ -147,6 +147,7 @@ def cmd_dataset_clean(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_tokens(args: argparse.Namespace, extra: list[str]) -> int:
     from loralab.analyze.tokens import (
+        add_embeddings,
         dataset_tokens,
         render_dataset_tokens,
         render_text_tokens,
@@ -155,19 +156,22 @@ def cmd_tokens(args: argparse.Namespace, extra: list[str]) -> int:
 
     if (args.dataset or args.dataset_config) and args.text:
         raise LoralabError("tokens: give either TEXT or --dataset DIR (or --dataset-config FILE), not both")
-    if args.dataset_config:
-        from loralab.analyze.scan import scan_dataset_config
+    if args.dataset_config or args.dataset:
+        if args.dataset_config:
+            from loralab.analyze.scan import scan_dataset_config
 
-        result = dataset_tokens(None, dataset=scan_dataset_config(args.dataset_config, args.caption_extension))
-        print(result.to_json() if args.json else render_dataset_tokens(result))
-        return 0
-    if args.dataset:
-        result = dataset_tokens(args.dataset, caption_extension=args.caption_extension)
+            result = dataset_tokens(None, dataset=scan_dataset_config(args.dataset_config, args.caption_extension))
+        else:
+            result = dataset_tokens(args.dataset, caption_extension=args.caption_extension)
+        if args.model:
+            add_embeddings(result, args.model)
         print(result.to_json() if args.json else render_dataset_tokens(result))
         return 0
     if not args.text:
         raise LoralabError('tokens: give tags, e.g. loralab tokens "jinxdef, blue hair", or --dataset DIR')
     text_result = text_tokens(args.text)
+    if args.model:
+        add_embeddings(text_result, args.model)
     print(text_result.to_json() if args.json else render_text_tokens(text_result))
     return 0
 
@@ -250,6 +254,8 @@ def _add_analysis_parsers(sub) -> None:
     k.add_argument("text", nargs="*", help='tags, e.g. "jinxdef, jinxarcane"')
     k.add_argument("--dataset", metavar="DIR", help="the activation tags of this train_data_dir")
     k.add_argument("--dataset-config", metavar="FILE", help="the activation tags of a dataset_config's folders")
+    k.add_argument("--model", metavar="M", help="base model: also measure each token's text-encoder embedding "
+                                                "(norm z-score: known or not; nearest common words)")
     _caption_arg(k)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_tokens)
