@@ -104,11 +104,7 @@ def cmd_bleed(args: argparse.Namespace, extra: list[str]) -> int:
                         caption_extension=args.caption_extension)
     if size != (0, 0):
         opts.width, opts.height = size
-    judge = None
-    if not args.no_lab_scores and Path(args.model).exists() and Path(args.model).resolve() == _lab_model().resolve():
-        from loralab.lab.judge import shape_reader
-
-        judge = shape_reader(args.device or "cpu")
+    judge = None if args.no_lab_scores else _lab_shape_reader(args.model, args.device)
     result = bleed(opts, judge=judge, progress=lambda s: print(s, flush=True))
     for line in result["fixes"] or ["no bleeding found"]:
         print(f"- {line}")
@@ -116,10 +112,20 @@ def cmd_bleed(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _lab_model():
+def _is_lab_model(model: str | Path) -> bool:
+    """True when `model` is the shipped lab model (whose evaluator can judge its images)."""
     from loralab.lab.model import lab_model_path
 
-    return lab_model_path()
+    return bool(model) and Path(model).exists() and Path(model).resolve() == lab_model_path().resolve()
+
+
+def _lab_shape_reader(model: str, device: str):
+    """The lab evaluator as an image judge for `bleed` and `probe`, when `model` is the lab model; else None."""
+    if not _is_lab_model(model):
+        return None
+    from loralab.lab.judge import shape_reader
+
+    return shape_reader(device or "cpu")
 
 
 def _add_bleed_parser(sub) -> None:
@@ -157,11 +163,7 @@ def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
                         seeds=args.seeds, seed=args.seed, stand_ins=args.stand_ins, width=size[0], height=size[1],
                         steps=args.steps, scale=args.cfg, sampler=args.sampler, out=args.out, device=args.device,
                         precision=args.precision, clip_skip=args.clip_skip)
-    judge = None
-    if not args.no_lab_scores and Path(args.model).exists() and Path(args.model).resolve() == _lab_model().resolve():
-        from loralab.lab.judge import shape_reader
-
-        judge = shape_reader(args.device or "cpu")
+    judge = None if args.no_lab_scores else _lab_shape_reader(args.model, args.device)
     result = probe(opts, judge=judge, progress=lambda s: print(s, flush=True))
     for line in summary(result):
         print(line)
@@ -216,11 +218,10 @@ def cmd_review(args: argparse.Namespace, extra: list[str]) -> int:
 def _lab_judge(folder, opts):
     """The lab evaluator as the review's ground truth, when the run was trained on the shipped lab model."""
 
-    from loralab.lab.model import lab_model_path
     from loralab.review.runlog import read_run
 
     model = opts.model or read_run(folder, opts.name).config.get("pretrained_model_name_or_path") or ""
-    if not model or not Path(model).exists() or Path(model).resolve() != lab_model_path().resolve():
+    if not _is_lab_model(model):
         return None
     from loralab.lab.judge import lab_judge
 

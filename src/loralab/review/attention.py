@@ -63,13 +63,17 @@ class WordMaps:
 def draw_with_maps(sm, prompt, words: Sequence[str], *, seed: int = 0, sampler: str = "") -> WordMaps:
     """Draw `prompt` (a `SamplePrompt`) on the `SamplingModel` `sm` as it is (LoRAs applied or not) and
     record the DAAM maps of `words` (every occurrence of each word in the prompt)."""
-    m = sm.model
-    positions = word_positions(m.tokenizers[0], prompt.prompt, words, sm.max_token_length)
-    factor = 2 ** (len(m.vae.config.block_out_channels) - 1)
+    positions = word_positions(sm.model.tokenizers[0], prompt.prompt, words, sm.max_token_length)
+    return draw_with_positions(sm, prompt, positions, seed=seed, sampler=sampler)
+
+
+def draw_with_positions(sm, prompt, positions: Sequence[WordTokens], *, seed: int = 0, sampler: str = "") -> WordMaps:
+    """`draw_with_maps` for words already placed (`WordTokens`, e.g. a token piece fed by id)."""
+    factor = sm.vae_factor
     latent_hw = (prompt.height // factor, prompt.width // factor)
-    with AttentionRecorder(m.unet, [positions], latent_hw, cfg=prompt.scale > 1.0) as rec:
+    with AttentionRecorder(sm.model.unet, [list(positions)], latent_hw, cfg=prompt.scale > 1.0) as rec:
         image = sm.draw([prompt], seed=seed, sampler=sampler, batch_size=1)[0]
-    return WordMaps(image, positions, rec.maps((prompt.height, prompt.width))[0])
+    return WordMaps(image, list(positions), rec.maps((prompt.height, prompt.width))[0])
 
 
 # -------------------------------------------------------------------------------------------- pictures
@@ -138,11 +142,7 @@ def attention(model_path: str | Path, prompt, out_dir: str | Path, *, words: Seq
     rows = [("base model", draw_with_maps(sm, prompt, words, sampler=sampler))]
     if loras:
         try:
-            for spec in loras:
-                try:
-                    sm.apply(spec.path, spec.weight)
-                except LoralabError as e:
-                    raise LoralabError(f"--lora {e}") from None
+            sm.apply_all(loras)
             label = " + ".join(f"{s.path.stem}:{s.weight:g}" for s in loras)
             rows.append((label, draw_with_maps(sm, prompt, words, sampler=sampler)))
         finally:

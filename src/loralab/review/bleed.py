@@ -132,26 +132,19 @@ class Drawn:
     maps: object = None  # review.attention.WordMaps of the first seed, with the LoRA
 
 
-def draw_probe(sm, probe: Probe, lora: Path, weight: float, prompt_for: Callable[[object, int], object],
-               seeds: int) -> Drawn:
-    """Each seed without then with the LoRA (maps recorded with the LoRA on the first seed)."""
-    from loralab.analyze.attention import AttentionRecorder
-    from loralab.review.attention import WordMaps
+def draw_probe(sm, probe: Probe, net, prompt_for: Callable[[object, int], object], seeds: int) -> Drawn:
+    """Each seed without then with the LoRA `net` (applied on `sm` once for the whole report; taken off for the
+    images without it), maps recorded with the LoRA on the first seed."""
+    from loralab.review.attention import draw_with_positions
 
     prompts = [prompt_for(probe.body, s) for s in range(seeds)]
-    base = sm.draw(prompts, seed=0)
-    sm.apply(lora, weight)
+    net.restore()
     try:
-        m = sm.model
-        factor = 2 ** (len(m.vae.config.block_out_channels) - 1)
-        first = prompts[0]
-        with AttentionRecorder(m.unet, [probe.words], (first.height // factor, first.width // factor),
-                               cfg=first.scale > 1.0) as rec:
-            image0 = sm.draw([first], seed=0, batch_size=1)[0]
-        maps = WordMaps(image0, probe.words, rec.maps((first.height, first.width))[0])
-        lora_images = [image0] + (sm.draw(prompts[1:], seed=0) if seeds > 1 else [])
+        base = sm.draw(prompts, seed=0)
     finally:
-        sm.remove()
+        net.apply_to()
+    maps = draw_with_positions(sm, prompts[0], probe.words)
+    lora_images = [maps.image] + (sm.draw(prompts[1:], seed=0) if seeds > 1 else [])
     return Drawn(base, lora_images, maps)
 
 
@@ -320,23 +313,25 @@ def dataset_weights(opts: BleedOptions) -> tuple[list[str], dict[str, float], li
 
 def bleed(opts: BleedOptions, judge: Judge | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
     """What `loralab bleed` runs; returns the content of bleed.json (see the module docstring)."""
-    from loralab.review.generate import SamplingModel
-    from loralab.train.sampling import SamplePrompt
+    from loralab.review.generate import LoraSpec, SamplingModel
 
     if opts.seeds < 1:
         raise LoralabError(f"--seeds {opts.seeds}: at least 1")
     tags, weights, groups = dataset_weights(opts)
     sm = SamplingModel.load(opts.model, device=opts.device, precision=opts.precision, clip_skip=opts.clip_skip)
+    sm.apply_all([LoraSpec(opts.lora, opts.weight)])  # a LoRA for another base model: said before any drawing
     try:
-        sm.apply(opts.lora, opts.weight)  # a LoRA for another base model: said before any drawing
-    except LoralabError as e:
-        raise LoralabError(f"--lora {e}") from None
+        return _bleed(sm, opts, tags, weights, groups, judge, progress)
     finally:
         sm.remove()
-    m = sm.model
-    native = m.unet.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
-    width, height = opts.width or native, opts.height or native
-    tok = m.tokenizers[0]
+
+
+def _bleed(sm, opts: BleedOptions, tags: list[str], weights: dict[str, float], groups: list, judge, progress) -> dict:
+    from loralab.train.sampling import SamplePrompt
+
+    (net,) = sm.networks
+    width, height = opts.width or sm.native_size, opts.height or sm.native_size
+    tok = sm.model.tokenizers[0]
     probes = bleed_probes(tok, tags, opts.class_word)
     contexts = opts.contexts or [""]
 
@@ -349,7 +344,7 @@ def bleed(opts: BleedOptions, judge: Judge | None = None, progress: Callable[[st
     rows, maps = [], []
     for i, p in enumerate(probes):
         progress(f"probe {i + 1}/{len(probes)}: {p.label}")
-        d = draw_probe(sm, p, opts.lora, opts.weight, prompt_for, opts.seeds)
+        d = draw_probe(sm, p, net, prompt_for, opts.seeds)
         p.change = lora_change(d.base, d.lora)
         p.judged, p.judged_base = (list(judge(d.lora)), list(judge(d.base))) if judge else ([], [])
         p.overlap = overlap_matrix([w.word for w in p.words], d.maps.heats) if len(p.words) > 1 else {}

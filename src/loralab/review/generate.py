@@ -107,6 +107,26 @@ class SamplingModel:
         self.networks.append(net)
         return net
 
+    def apply_all(self, loras: Sequence["LoraSpec"]) -> None:
+        """`apply` each `--lora` spec; a file that does not fit is a LoralabError starting with `--lora`."""
+        for spec in loras:
+            try:
+                self.apply(spec.path, spec.weight)
+            except LoralabError as e:
+                raise LoralabError(f"--lora {e}") from None
+            log.info("LoRA %s at weight %s", spec.path.name, spec.weight)
+
+    @property
+    def vae_factor(self) -> int:
+        from loralab.train.sampling import vae_scale_factor
+
+        return vae_scale_factor(self.model.vae)
+
+    @property
+    def native_size(self) -> int:
+        """The model's own image side: UNet sample_size × the VAE's factor (512 SD 1.x, 1024 SDXL, 32 lab)."""
+        return self.model.unet.config.sample_size * self.vae_factor
+
     def remove(self) -> None:
         """Take every applied LoRA off the model (the base model's weights are untouched)."""
         while self.networks:
@@ -154,12 +174,7 @@ def generate(model_path: str | Path, prompts: Sequence, out_dir: str | Path, *, 
                             v_parameterization=v_parameterization, clip_skip=clip_skip,
                             max_token_length=max_token_length)
     try:
-        for spec in loras:
-            try:
-                sm.apply(spec.path, spec.weight)
-            except LoralabError as e:
-                raise LoralabError(f"--lora {e}") from None
-            log.info("LoRA %s at weight %s", spec.path.name, spec.weight)
+        sm.apply_all(loras)
         return sm.save_images(prompts, out_dir, sampler=sampler, seed=seed, file_stem=file_stem)
     finally:
         sm.remove()

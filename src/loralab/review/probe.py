@@ -192,8 +192,7 @@ def probe(opts: ProbeOptions, judge: Judge | None = None, progress: Callable[[st
     sm = SamplingModel.load(opts.model, device=opts.device, precision=opts.precision, clip_skip=opts.clip_skip)
     m = sm.model
     tok = m.tokenizers[0]
-    native = m.unet.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
-    width, height = opts.width or native, opts.height or native
+    width, height = opts.width or sm.native_size, opts.height or sm.native_size
     images, conds = {}, {}
     for i, (label, ids) in enumerate(rows.items()):
         progress(f"{i + 1}/{len(rows)}: {label}")

@@ -327,7 +327,8 @@ def _latents_to_image(vae, latents: torch.Tensor, vae_scaling_factor: float) -> 
     return Image.fromarray(array)
 
 
-def _vae_scale(vae) -> int:
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent pixel: 2 ** (VAE levels - 1), 8 for SD's VAE."""
     blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
     return 2 ** (len(blocks) - 1) if blocks else 8
 
@@ -395,7 +396,7 @@ def _sample_one(i: int, prompt: SamplePrompt, *, unet, vae, vae_scaling_factor: 
     cond, added = _encode(encode_prompt, texts)
     if getattr(unet.config, "addition_embed_type", None) == "text_time" and "time_ids" not in added:
         added["time_ids"] = sample_time_ids(prompt.width, prompt.height, len(texts))  # SDXL
-    factor = _vae_scale(vae)
+    factor = vae_scale_factor(vae)
     latents = denoise(
         unet=unet, sampler=scheduler, prompt=prompt, cond=cond, added=added,
         latent_shape=(1, unet.config.in_channels, prompt.height // factor, prompt.width // factor),
@@ -502,7 +503,7 @@ def draw_images(
     the first image's seed. Modes and the global RNG state are restored as in `generate_samples`."""
     device = torch.device(device)
     default_sampler = _check_sampler(sampler or "ddim", "sample_sampler")
-    factor = _vae_scale(vae)
+    factor = vae_scale_factor(vae)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(prompts):
         key = (p.width, p.height, p.steps, p.scale, _check_sampler(p.sampler or default_sampler, "--ss"))
