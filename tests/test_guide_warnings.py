@@ -58,6 +58,29 @@ def test_safeguard_warmup_with_warmup_or_other_optimizers_is_not():
     assert safeguard_warmup_warning("AdamW", ["weight_decay=0.1"], 0) is None
 
 
+
+def test_locon_and_loha_dims_above_32_are_a_warning(tmp_path, tiny_sd1_checkpoint):
+    from loralab.train.guide import guide_warnings, network_dim_warning
+
+    locon = _cfg(tmp_path, tiny_sd1_checkpoint, network_dim=16, conv_dim=64)
+    assert "LoCon with conv_dim = 64" in network_dim_warning(locon)
+    loha = _cfg(tmp_path, tiny_sd1_checkpoint, network_module="lycoris.kohya", network_dim=48)
+    loha.network_args = ["algo=loha"]
+    assert "LoHa with network_dim = 48" in guide_warnings(loha)[0] and "rank dim²" in guide_warnings(loha)[0]
+    # not: plain LoRA at dim 64 (no conv layers), LoCon at 32/32, LoHa at 32
+    assert network_dim_warning(_cfg(tmp_path, tiny_sd1_checkpoint, network_dim=64)) is None
+    assert network_dim_warning(_cfg(tmp_path, tiny_sd1_checkpoint, network_dim=32, conv_dim=32)) is None
+    loha.network_dim = 32
+    assert guide_warnings(loha) == []
+
+
+def test_adaptive_optimizer_with_a_small_learning_rate_is_a_warning(tmp_path, tiny_sd1_checkpoint):
+    from loralab.train.guide import adaptive_lr_warning
+
+    assert "around 1.0" in adaptive_lr_warning(_cfg(tmp_path, tiny_sd1_checkpoint, optimizer_type="Prodigy"))
+    assert adaptive_lr_warning(_cfg(tmp_path, tiny_sd1_checkpoint, optimizer_type="Prodigy", learning_rate=1.0)) is None
+    assert adaptive_lr_warning(_cfg(tmp_path, tiny_sd1_checkpoint, optimizer_type="AdamW")) is None
+
 # ------------------------------------------------------------------------------------------- metadata
 def _run(family: str = "sd1", v: bool = False, network_args: dict | None = None) -> RunInfo:
     return RunInfo(session_id=1, started_at=0.0, family=family, v_parameterization=v, model_name="m",

@@ -79,6 +79,7 @@ def test_probe_command_on_the_lab_model(tmp_path):
 def test_bad_input_gets_a_message_and_no_traceback(tmp_path):
     cases = [
         (["--model", LAB, "   "], "is empty after tokenizing"),
+        (["--model", LAB, ", ."], "is empty after tokenizing"),  # only separators: no tag left
         (["--model", tmp_path / "missing.safetensors", "star"], "no such file"),
         (["--model", LAB, "star", "--seeds", "0"], "--seeds 0: at least 1"),
         (["--model", LAB, "star", "--context", "{} and {}"], "one {}"),

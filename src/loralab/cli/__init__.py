@@ -39,19 +39,20 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = parse_command_line(extra)
     sources: dict[str, str] = {}
     cfg = build_config(args.config, overrides, sources=sources)
-    from loralab.train.optim import safeguard_warmup_warning
+    from loralab.train.guide import guide_warnings
 
-    warning = safeguard_warmup_warning(cfg.optimizer_type, cfg.optimizer_args, cfg.lr_warmup_steps)
-    if warning:  # the guide's warnings, before the model loads (and in a dry run)
+    for warning in guide_warnings(cfg):  # the guide's warnings, before the model loads (and in a dry run)
         log.warning(warning)
     if args.dry_run:
         from loralab.train.dry_run import dry_run
 
-        print(dry_run(cfg, sources))
-        return 0
-    from loralab.recipes.lora import train
+        from loralab.recipes import dry_run_data
 
-    result = train(cfg)
+        print(dry_run(cfg, sources, dry_run_data(cfg)))
+        return 0
+    from loralab.recipes import train_any
+
+    result = train_any(cfg)
     return 130 if result.interrupted else 0
 
 
@@ -118,16 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bleed_parser,
         _add_generate_parser,
         _add_probe_parser,
+        _add_reg_images_parser,
         _add_review_parser,
     )
 
     _add_generate_parser(sub)
+    _add_reg_images_parser(sub)
     _add_attention_parser(sub)
     _add_bleed_parser(sub)
     _add_probe_parser(sub)
     _add_review_parser(sub)
+    from loralab.cli.doctor import _add_doctor_parser
+
+    _add_doctor_parser(sub)
     _add_config_parser(sub)
     _add_analysis_parsers(sub)
+    from loralab.ui.cli import _add_ui_parser
+
+    _add_ui_parser(sub)
     return p
 
 

@@ -1,4 +1,5 @@
-"""The commands that draw with a LoRA or a base model: `generate`, `attention`, `bleed`, `probe`, `review`."""
+"""The commands that draw with a LoRA or a base model: `generate`, `reg-images`, `attention`, `bleed`, `probe`,
+`review`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if not prompts:
         raise LoralabError("generate: give at least one prompt (\"a prompt --d 1\") or --prompts FILE")
     loras = [parse_lora_arg(t) for t in args.lora]
-    paths = generate(args.model, prompts, args.out, loras=loras, device=args.device, precision=args.precision,
+    paths = generate(args.model, prompts, args.out, loras=loras, embeddings=args.embedding, device=args.device,
+                     precision=args.precision,
                      sampler=args.sampler,
                      seed=args.seed, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
                      v_parameterization=args.v_parameterization)
@@ -36,6 +38,8 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--model", required=True, help="base model: single file or diffusers folder")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a LoRA file and its weight (default 1.0); repeat to stack")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding; its file name is its token (vexdef.safetensors: vexdef)")
     g.add_argument("--prompts", help="prompt file (.txt lines in kohya syntax, .toml, .json)")
     g.add_argument("--out", default="generated", help="output folder (default: generated)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompt i without --d: seed + i (default 0)")
@@ -46,6 +50,61 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
     g.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
     g.set_defaults(func=cmd_generate)
+
+
+def cmd_reg_images(args: argparse.Namespace, extra: list[str]) -> int:
+    from loralab.review.reg_images import RegRequest, RegSettings, read_prompts_file, reg_images
+
+    prompts = list(args.prompt) + (read_prompts_file(args.prompts) if args.prompts else [])
+    req = RegRequest(model=args.model, prompts=prompts, out=args.out, count=args.count, resolution=args.resolution,
+                     dataset=args.dataset, enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso,
+                     max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps,
+                     bucket_no_upscale=args.bucket_no_upscale, repeats=args.repeats, seed=args.seed,
+                     settings=RegSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler.strip().lower(),
+                                          batch_size=args.batch_size),
+                     device=args.device, precision=args.precision, clip_skip=args.clip_skip,
+                     v_parameterization=args.v_parameterization)
+    print("\n".join(reg_images(req).lines()))
+    return 0
+
+
+def _add_reg_images_parser(sub) -> None:
+    r = sub.add_parser("reg-images", help="regularization images from the base model, in kohya's reg layout "
+                                          "(DDIM, fixed seeds, the class prompt as caption; resumable)",
+                       description="Writes OUT/<repeats>_<prompt>/NNNN.png + NNNN.txt (caption = the prompt) with "
+                                   "the guide's recipe: the base model you train on, DDIM, no negative prompt, image "
+                                   "i from seed SEED+i. Rerunning the same command keeps the complete images and "
+                                   "draws the missing ones. With --dataset, the count is spread over the training "
+                                   "dataset's bucket resolutions in proportion to each bucket's training samples "
+                                   "(images x repeats).")
+    r.add_argument("--model", required=True, help="base model you train on: single file or diffusers folder")
+    r.add_argument("--prompt", action="append", default=[],
+                   help="class prompt, also the caption (e.g. \"woman\"); repeat for several classes")
+    r.add_argument("--prompts", default="", help="file with one class prompt per line (# comments)")
+    r.add_argument("--count", type=int, required=True, help="images per prompt")
+    r.add_argument("--out", required=True, help="reg_data_dir to write (one <repeats>_<prompt>/ folder per prompt)")
+    r.add_argument("--resolution", type=_resolution, default=None,
+                   help="W,H or one size: the images' size; with --dataset, the training resolution of the buckets "
+                        "(default: the model's own, 512 SD 1.x, 1024 SDXL, 32 the lab model)")
+    r.add_argument("--dataset", default="", help="train_data_dir: draw at its bucket resolutions")
+    r.add_argument("--repeats", type=int, default=1, help="repeats prefix of the folders (default 1)")
+    r.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
+    r.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    r.add_argument("--cfg", type=float, default=7.5, help="CFG scale against the empty prompt (default 7.5)")
+    r.add_argument("--sampler", default="ddim", help="sampler (default ddim, the guide's; deterministic, so resumed "
+                                                     "images match)")
+    r.add_argument("--batch-size", type=int, default=4, help="images per UNet call (default 4)")
+    b = r.add_argument_group("buckets of --dataset (kohya names, as in training)")
+    b.add_argument("--no-bucket", dest="enable_bucket", action="store_false", help="one bucket: the resolution")
+    b.add_argument("--min-bucket-reso", type=int, default=256)
+    b.add_argument("--max-bucket-reso", type=int, default=1024)
+    b.add_argument("--bucket-reso-steps", type=int, default=64)
+    b.add_argument("--bucket-no-upscale", action="store_true")
+    r.add_argument("--clip-skip", type=int, default=0, help="as in training (2 for NAI-style anime models)")
+    r.add_argument("--v-parameterization", action="store_true", help="a v-prediction model (SD 2.x 768-v)")
+    r.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="UNet compute dtype")
+    r.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    r.set_defaults(func=cmd_reg_images)
 
 
 def cmd_attention(args: argparse.Namespace, extra: list[str]) -> int:

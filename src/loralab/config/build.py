@@ -269,9 +269,15 @@ def _choice_and_path_problems(cfg: TrainConfig, bad) -> None:
         bad("pretrained_model_name_or_path: missing; give the base model file or folder")
     if not Path(cfg.pretrained_model_name_or_path).exists():
         bad(f"pretrained_model_name_or_path: {cfg.pretrained_model_name_or_path} does not exist")
-    if not cfg.train_data_dir and not cfg.dataset_config:
-        bad("train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders")
-    for key in ("train_data_dir", "reg_data_dir", "validation_data_dir", "vae", "network_weights", "sample_prompts", "resume"):
+    if not cfg.train_data_dir and not cfg.dataset_config and not cfg.prompts_file:  # prompts_file: a slider / LECO
+        bad("train_data_dir: missing; give the folder that holds <repeats>_<name>/ image folders" + (
+            "" if cfg.max_denoising_steps == 40 and cfg.leco_denoise_guidance_scale == 3.0 else  # slider keys given
+            " (a slider / LECO run, as max_denoising_steps or leco_denoise_guidance_scale say: give prompts_file, "
+            "the file of its target / positive / negative prompts)"))
+    if cfg.prompts_file and (cfg.max_denoising_steps < 1 or cfg.leco_denoise_guidance_scale < 0):
+        bad("max_denoising_steps / leco_denoise_guidance_scale: need at least 1 step and a scale of 0 or more")
+    for key in ("train_data_dir", "reg_data_dir", "validation_data_dir", "vae", "network_weights", "sample_prompts", "resume",
+                "prompts_file"):
         value = getattr(cfg, key)
         if value and not Path(value).exists():
             bad(f"{key}: {value} does not exist")
@@ -420,6 +426,10 @@ def _check_text_encoder_cache(cfg: TrainConfig) -> None:
         raise LoralabError(
             "cache_text_encoder_outputs: the text encoders would be trained, so their outputs change every step; "
             "set network_train_unet_only = true (or text_encoder_lr = 0), or cache_text_encoder_outputs = false")
+    if cfg.token_string:
+        raise LoralabError(
+            "cache_text_encoder_outputs: pivotal tuning (token_string) trains the new tokens' embeddings, so the "
+            "text encoders' outputs change every step; set cache_text_encoder_outputs = false")
     varying = [name for name, on in (("shuffle_caption", cfg.shuffle_caption),
                                      ("caption_tag_dropout_rate", cfg.caption_tag_dropout_rate > 0),
                                      ("enable_wildcard", cfg.enable_wildcard),

@@ -35,6 +35,19 @@ class TrainConfig:
     clip_skip: int = _f(0, "use the k-th last text-encoder layer (2 for NAI-style anime models; 0/1 = last)", group="model")
     max_token_length: int = _f(75, "caption tokens: 75, 150 or 225 (75-token chunks)", choices=(75, 150, 225), group="model")
     device: str = _f("", "torch device (default: cuda if available, else cpu)", group="model")
+    # --- slider (sliders / LECO: a LoRA trained from prompts alone, `recipes/slider.py`)
+    prompts_file: str = _f("", "slider / LECO prompt file (TOML [[prompts]] or a YAML list; keys target, positive, "
+                           "negative (= unconditional), neutral, action = enhance|erase, guidance_scale, multiplier, "
+                           "bidirectional, resolution, batch_size): set, it trains from these prompts, no images",
+                           group="slider")
+    max_denoising_steps: int = _f(40, "slider / LECO: each step denoises to a random one of this many sampler steps "
+                                  "before the loss", group="slider")
+    leco_denoise_guidance_scale: float = _f(3.0, "slider / LECO: CFG scale of that partial denoising", group="slider")
+    leco_training_method: str = _f("full", "slider / LECO: which UNet LoRA modules train (LECO's training_method): full, "
+                                   "xattn (cross-attention only: ESD-x), xattn_kv (its key/value projections only, "
+                                   "which see only the text), selfattn, noxattn, innoxattn",
+                                   choices=("full", "xattn", "xattn_kv", "selfattn", "noxattn", "innoxattn"),
+                                   group="slider")
     # --- dataset
     train_data_dir: str = _f("", "folder holding <repeats>_<name>/ image folders", group="dataset")
     reg_data_dir: str = _f("", "folder holding <repeats>_<class>/ regularization image folders", group="dataset")
@@ -112,6 +125,16 @@ class TrainConfig:
     text_encoder_lr: float | list = _f(-1.0, "text-encoder LoRA learning rate (-1 = learning_rate; 0 = UNet only); two "
                                        "values [TE1, TE2] give SDXL's text encoders their own (kohya: one value "
                                        "serves both)", group="network")
+    # --- pivotal (pivotal tuning: new tokens trained as text-encoder embeddings with the LoRA, `recipes/pivotal.py`)
+    token_string: str = _f("", "pivotal tuning: the new token(s) the captions use, comma-separated (e.g. \"vexdef\"); "
+                           "set, each gets embedding vectors trained with the LoRA (kohya TI's key)", group="pivotal")
+    init_word: str = _f("", "pivotal: the word(s) whose token embeddings start each new token, comma-separated, one "
+                        "per token_string (one serves all; empty = random)", group="pivotal")
+    num_vectors_per_token: int = _f(1, "pivotal: vectors per new token (kohya TI's key)", group="pivotal")
+    embedding_lr: float = _f(-1.0, "pivotal: the new tokens' learning rate (-1 = text_encoder_lr when it is above 0, "
+                             "else learning_rate: sd-scripts PR #1013's rule)", group="pivotal")
+    stop_embedding_training: int = _f(0, "pivotal: freeze the new tokens after this many steps; the LoRA trains on "
+                                      "(0 = never)", group="pivotal")
     # --- training
     max_train_steps: int = _f(1600, "total optimizer steps (max_train_epochs overrides)", group="training")
     max_train_epochs: int = _f(0, "total epochs (0 = use max_train_steps)", group="training")

@@ -10,7 +10,8 @@ The recipe, top to bottom (`run_demo`):
    aspect ratios (32×32, 48×32, 32×48).
 2. regularization images for the class, as the guide recommends: the same base model, the same image
    sizes, DDIM, fixed seeds, the class prompt without the activation tag, written to
-   ``reg/1_shape/NNNN.png`` + ``.txt``. The class prompt: a ring is "a shape", and what the model knows
+   ``reg/1_shape/NNNN.png`` + ``.txt`` by the code of `loralab reg-images` (`loralab.review.reg_images`;
+   a rerun keeps the complete ones). The class prompt: a ring is "a shape", and what the model knows
    of shapes is its six trained shapes, so the reg prompts are base captions of the six shapes
    (``"red circle, blue background, small"``) over the (shape, colour, background) triples the base was
    trained on. The held-out triples, on which prior preservation is measured, are never among them.
@@ -18,7 +19,8 @@ The recipe, top to bottom (`run_demo`):
    once with the reg images (the recommended recipe, `DemoRecipe`) and once without them.
 4. evaluation of every saved epoch (each LoRA file loaded back with `LoRANetwork.from_weights`), with the
    lab evaluator (`loralab.lab.evaluator`), DDIM + CFG on fixed seeds, drawn by the one sampler of
-   `loralab.train.sampling` (`loralab.lab.model.LabModel.generate`; the reg images of step 2 as well):
+   `loralab.train.sampling` (`loralab.lab.model.LabModel.generate`; the reg images of step 2 through
+   `SamplingModel.draw`):
    * concept rate: the share of prompts *with* the activation tag (colour/background pairs the dataset
      does not have) whose sample the evaluator reads as a ring; and how many follow the prompt's colour;
    * prior preservation: held-out base prompts *without* the tag, scored for shape, colour and
@@ -41,7 +43,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from loralab.lab import world as W
 from loralab.lab.model import LabModel, evaluator_path, lab_model_path
@@ -145,17 +146,21 @@ def dataset_pairs(folder: Path) -> set[tuple[str, str]]:
 def write_reg_images(root: Path, model: LabModel, items: Sequence[W.WorldItem], ev: DemoEval,
                      class_name: str = CLASS_NAME) -> Path:
     """Reg images from the base model itself (same model, same image sizes, DDIM, fixed seeds) in kohya
-    layout ``root/1_<class_name>/NNNN.png`` + ``.txt`` (the caption is the prompt)."""
-    from loralab.io import atomic_write
+    layout ``root/1_<class_name>/NNNN.png`` + ``.txt`` (the caption is the prompt), through the code of
+    `loralab reg-images` (`loralab.review.reg_images`): image i is ``items[i]`` drawn from seed
+    ``ev.seed + items[i].seed + i``; complete images of an earlier run with the same settings are kept,
+    other images in the folder are removed. The lab model is drawn on `model`'s device."""
+    from loralab.review.generate import SamplingModel
+    from loralab.review.reg_images import RegImage, RegSettings
+    from loralab.review.reg_images import write_reg_images as draw_reg_images
 
     folder = root / f"1_{class_name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    prompts = [it.caption() for it in items]
-    images = model.generate(items, prompts, steps=ev.ddim_steps, cfg=ev.cfg, seed=ev.seed)
-    for i, (img, text) in enumerate(zip(images, prompts)):
-        pil = Image.fromarray(img.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
-        atomic_write(folder / f"{i:04d}.png", lambda tmp, p=pil: p.save(tmp, format="png"))
-        atomic_write(folder / f"{i:04d}.txt", lambda tmp, t=text: Path(tmp).write_text(t + "\n", encoding="utf-8"))
+    images = [RegImage(folder, i, it.caption(), it.width, it.height, ev.seed + it.seed + i)
+              for i, it in enumerate(items)]
+    sm = SamplingModel.load(lab_model_path(), device=str(model.device))
+    summary = draw_reg_images(sm, images, RegSettings(steps=ev.ddim_steps, cfg=ev.cfg, sampler="ddim", batch_size=64),
+                              progress=False, remove_extra=True)
+    log.info("%s", "; ".join(summary.lines()[:1]))
     return folder
 
 
@@ -383,7 +388,6 @@ def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads
         # 2. reg images from the base model
         t = time.perf_counter()
         reg_dir = out_dir / "reg"
-        _clear(reg_dir / f"1_{CLASS_NAME}", ("*.png", "*.txt"))
         write_reg_images(reg_dir, model, class_prompts(recipe.n_reg, recipe.seed), ev)
         timings["reg images"] = time.perf_counter() - t
 

@@ -22,6 +22,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from loralab.errors import LoralabError
+from loralab.models.embeddings import caption_ids
 
 CHUNK = 77  # CLIP's context: BOS + 75 tokens + EOS
 CHUNK_BODY = CHUNK - 2
@@ -65,6 +66,21 @@ class TokenIds(tuple):
     BOS ... EOS and pads it like a text caption."""
 
 
+def with_new_tokens(tokenizer: CLIPTokenizer, caption):
+    """A text caption that holds new tokens (pivotal tuning, a loaded embedding: `models/embeddings.py`) as
+    `TokenIds`, each new word replaced by its ids; any other caption as it is."""
+    if not isinstance(caption, str):
+        return caption
+    ids = caption_ids(tokenizer, caption)
+    return caption if ids is None else TokenIds(ids)
+
+
+def _text_ids(tokenizer: CLIPTokenizer, text: str) -> list[int]:
+    """The ids of a piece of text without BOS/EOS, new tokens included."""
+    ids = caption_ids(tokenizer, text)
+    return ids if ids is not None else tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+
 def _ids_row(tokenizer: CLIPTokenizer, caption, length: int) -> list[int]:
     if isinstance(caption, str):
         return list(tokenizer(caption, padding="max_length", truncation=True, max_length=length).input_ids)
@@ -79,9 +95,11 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list, max_token_length: int | N
     n = 1: the usual BOS + 75 tokens + EOS, padded/truncated to 77. n > 1: the caption is tokenized to
     n*75 tokens between one BOS and one EOS, padded with the tokenizer's pad token and truncated, then cut
     into n chunks of 77, each wrapped BOS ... EOS/PAD (`kohya_chunks`). Chunk c lives at [:, 77c : 77(c+1)].
-    A caption may be `TokenIds` (ids without BOS/EOS) instead of text."""
+    A caption may be `TokenIds` (ids without BOS/EOS) instead of text; a text caption that holds new tokens
+    (`models/embeddings.py`) gets their ids in place of the words."""
     n = num_chunks(max_token_length)
     length = CHUNK if n == 1 else n * CHUNK_BODY + 2
+    captions = [with_new_tokens(tokenizer, c) for c in captions]
     if all(isinstance(c, str) for c in captions):
         ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=length,
                         return_tensors="pt").input_ids
@@ -302,7 +320,7 @@ def tokenize_weighted(tokenizer: CLIPTokenizer, captions: list[str],
     all_ids, all_weights = [], []
     for caption in captions:
         runs = parse_prompt_attention(caption)
-        pieces = tokenizer([t for t, _ in runs], add_special_tokens=False, verbose=False).input_ids
+        pieces = [_text_ids(tokenizer, t) for t, _ in runs]
         ids = [i for piece in pieces for i in piece][: length - 2]
         weights = [w for piece, (_, w) in zip(pieces, runs) for _ in piece][: length - 2]
         fill = length - 2 - len(ids)

@@ -153,3 +153,104 @@ def precalculate_safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadat
     model_hash = hashlib.sha256(data[8 + n:]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
     return model_hash, legacy_hash
+
+
+# ---------------------------------------------------------------------------------------- embeddings
+# Textual-inversion embeddings beside a LoRA (pivotal tuning), in the layouts other programs read
+# (research/advanced.md §3.3, §7):
+# * bundled in the LoRA file (A1111 PR #13568, `extensions-builtin/Lora/networks.py`): SD 1.x/2.x
+#   `bundle_emb.<token>.string_to_param.*` [n, dim]; SDXL `bundle_emb.<token>.clip_l` [n, 768] and
+#   `bundle_emb.<token>.clip_g` [n, 1280]. A1111 and SD.Next load them with the LoRA; ComfyUI does not.
+# * a separate embedding file named `<token>.safetensors` (A1111 and ComfyUI call an embedding by its file
+#   name): SD 1.x/2.x `{"emb_params": [n, dim]}` (kohya `train_textual_inversion.py`), SDXL
+#   `{"clip_l": ..., "clip_g": ...}` (kohya `sdxl_train_textual_inversion.py`, diffusers, A1111, ComfyUI).
+
+BUNDLE_PREFIX = "bundle_emb."
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # text encoder 1 (CLIP-L), text encoder 2 (OpenCLIP bigG)
+
+
+def bundle_tensors(embeddings: Mapping[str, Sequence[torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
+    """{token: [one [n, dim] tensor per text encoder]} as the `bundle_emb.*` keys of a LoRA file."""
+    out = {}
+    for token, parts in embeddings.items():
+        if family == "sdxl":
+            out.update({f"{BUNDLE_PREFIX}{token}.{k}": v for k, v in zip(SDXL_EMBEDDING_KEYS, parts)})
+        else:
+            out[f"{BUNDLE_PREFIX}{token}.string_to_param.*"] = parts[0]
+    return out
+
+
+def embedding_file_tensors(parts: Sequence[torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """One embedding's tensors in a separate file: `emb_params` (SD 1.x/2.x) or `clip_l` / `clip_g` (SDXL)."""
+    if family == "sdxl":
+        return dict(zip(SDXL_EMBEDDING_KEYS, parts))
+    return {"emb_params": parts[0]}
+
+
+def split_bundle(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(the network's keys, {token: {subkey: tensor}}) of a LoRA state dict; the subkey is what follows the
+    token (`string_to_param.*`, `clip_l`, `clip_g`, `emb_params`, ...), as A1111's loader reads it."""
+    network, bundled = {}, {}
+    for key, value in sd.items():
+        if key.startswith(BUNDLE_PREFIX):
+            token, _, sub = key[len(BUNDLE_PREFIX):].partition(".")
+            bundled.setdefault(token, {})[sub] = value
+        else:
+            network[key] = value
+    return network, bundled
+
+
+def embedding_parts(data: Mapping[str, Any], family: str, where: str) -> list[torch.Tensor]:
+    """One [n, dim] tensor per text encoder from an embedding's payload, the forms A1111's
+    `create_embedding_from_data` accepts: `string_to_param` (one entry; also as `string_to_param.<k>` keys),
+    `clip_l` + `clip_g` (SDXL), or a single tensor under any key (kohya `emb_params`, diffusers `<token>`).
+    A 1-D tensor is one vector."""
+    if family == "sdxl":
+        missing = [k for k in SDXL_EMBEDDING_KEYS if k not in data]
+        if missing:
+            raise LoralabError(f"{where}: an SDXL embedding needs clip_l and clip_g tensors; it has "
+                               f"{', '.join(sorted(map(str, data))) or 'none'} (made for SD 1.x/2.x?)")
+        parts = [data[k] for k in SDXL_EMBEDDING_KEYS]
+    else:
+        if "string_to_param" in data and isinstance(data["string_to_param"], Mapping):
+            data = {f"string_to_param.{k}": v for k, v in data["string_to_param"].items()}
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        if set(data) >= set(SDXL_EMBEDDING_KEYS):
+            raise LoralabError(f"{where}: an SDXL embedding (clip_l, clip_g) does not fit this {family} model")
+        if len(tensors) != 1:
+            raise LoralabError(f"{where}: an embedding holds one tensor (string_to_param, emb_params); this one "
+                               f"has {len(tensors)} ({', '.join(sorted(map(str, data)))})")
+        parts = tensors
+    return [p.unsqueeze(0) if p.dim() == 1 else p for p in (t.detach().to("cpu", torch.float32) for t in parts)]
+
+
+def read_embedding_file(path: str | Path) -> dict[str, Any]:
+    """The payload of a textual-inversion file: `.safetensors` tensors, or a `.pt` / `.bin` dict (A1111's
+    `{"string_to_param": {"*": T}, "name": ...}`, kohya's `{"emb_params": T}`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoralabError(f"embedding file not found: {path}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return safetensors.torch.load_file(str(path), device="cpu")
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LoralabError(f"cannot read embedding file {path}: {e}") from e
+    if isinstance(data, torch.Tensor):
+        return {"emb_params": data}
+    if not isinstance(data, Mapping):
+        raise LoralabError(f"{path}: not an embedding file (it holds a {type(data).__name__})")
+    return dict(data)
+
+
+def save_embedding_file(path: str | Path, parts: Sequence[torch.Tensor], family: str, dtype: torch.dtype | None = None,
+                        metadata: Mapping[str, str] | None = None) -> None:
+    """Write one embedding as a separate file (`embedding_file_tensors`), atomically; `.pt` gets A1111's
+    `string_to_param` layout for SD 1.x/2.x."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors" or family == "sdxl":
+        save_weights(path, embedding_file_tensors(parts, family), dtype, metadata)
+        return
+    t = parts[0].detach().clone().to("cpu", dtype or parts[0].dtype)
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": t}, "name": path.stem, "step": 0}
+    atomic_write(path, lambda tmp: torch.save(data, tmp))

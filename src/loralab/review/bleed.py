@@ -242,8 +242,8 @@ def fixes(found: dict, groups: Sequence) -> list[str]:
     if bleeding and found["shared_pieces"]:
         out.append("a distinct activation tag for each concept, sharing no token piece (check it with "
                    "`loralab tokens \"tag1, tag2\"`).")
-        out.append("pivotal tuning (train the tag's embedding with the LoRA) keeps each tag's meaning apart; "
-                   "loralab does not have it yet.")
+        out.append("pivotal tuning (train the tag's embedding with the LoRA) keeps each tag's meaning apart: "
+                   "token_string / init_word in the training config (README: pivotal tuning).")
     return out
 
 

@@ -6,6 +6,12 @@ command: each prompt in kohya's line syntax (`prompt --n neg --w 512 --h 512 --d
 (`train/sampling.py`), so an image here and a sample image of the same settings are the same picture.
 Several LoRAs stack (each adds weight · its delta); weight 0 gives the base model's image.
 
+Embeddings (textual inversion, pivotal tuning): a LoRA file with `bundle_emb.<token>.*` tensors adds its
+tokens while it is applied (A1111's bundle rule: a token already loaded from an `--embedding` file is kept,
+the bundled copy skipped), and `--embedding FILE` loads a separate embedding file whose name is its token
+(`vexdef.safetensors` -> the word `vexdef`; A1111 `.pt`, kohya `emb_params`, SDXL `clip_l` / `clip_g`). The
+embeddings do not depend on the LoRA weight (A1111 neither).
+
 `SamplingModel` (a base model loaded for drawing, LoRAs applied and removed) is shared with `loralab review`.
 """
 
@@ -69,6 +75,7 @@ class SamplingModel:
     clip_skip: int = 0
     max_token_length: int = 75
     networks: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)  # new tokens loaded (embeddings), in load order
 
     @classmethod
     def load(cls, model_path: str | Path, *, device: str = "", precision: str = "fp32", vae: str | None = None,
@@ -92,12 +99,25 @@ class SamplingModel:
 
     def apply(self, path: str | Path, weight: float = 1.0):
         """Load the LoRA file `path` onto the model at `weight`; returns the network (`set_multiplier`
-        changes its weight). A file that does not fit the model is a LoralabError naming both."""
+        changes its weight). A file that does not fit the model is a LoralabError naming both. Embeddings
+        bundled in the file are loaded with it; a file that holds only an embedding is loaded as one (None)."""
+        from loralab.network.files import read_weights, split_bundle
         from loralab.network.lora import LoRANetwork
 
         m = self.model
+        sd, bundled = split_bundle(read_weights(path))
+        if not bundled and is_embedding_payload(sd):
+            self.apply_embedding(path)  # an embedding file given as a LoRA
+            return None
+        for token, data in bundled.items():
+            if token.lower() in self.tokens:
+                log.info("%s: its bundled embedding %r is skipped: that token is already loaded", path, token)
+                continue
+            self._add_embedding(token, data, f"{path} (bundle_emb.{token})")
+        if not sd:
+            return None
         try:
-            net = LoRANetwork.from_weights(path, m.unet, m.text_encoders, m.family, multiplier=weight)
+            net = LoRANetwork.from_weights(sd, m.unet, m.text_encoders, m.family, multiplier=weight)
         except LoralabError as e:
             raise LoralabError(f"{path}: it does not fit the base model {self.model_path} ({m.family}); pick the "
                                f"base model it was trained on. Details: {e}") from None
@@ -107,8 +127,37 @@ class SamplingModel:
         self.networks.append(net)
         return net
 
-    def apply_all(self, loras: Sequence["LoraSpec"]) -> None:
-        """`apply` each `--lora` spec; a file that does not fit is a LoralabError starting with `--lora`."""
+    def _add_embedding(self, token: str, data, where: str) -> None:
+        from loralab.models.embeddings import add_new_token, check_word
+        from loralab.network.files import embedding_parts
+
+        m = self.model
+        word = check_word(token, where)
+        parts = embedding_parts(data, m.family, where)
+        add_new_token(m.tokenizers, m.text_encoders, word, parts)
+        self.tokens.append(word)
+        log.info("embedding %r (%d vector(s)) from %s", word, parts[0].shape[0], where)
+
+    def apply_embedding(self, path: str | Path) -> str:
+        """Load a separate embedding file; its token is the file name without the suffix (A1111, ComfyUI).
+        Returns the token."""
+        from loralab.network.files import read_embedding_file
+
+        path = Path(path)
+        token = path.stem
+        if token.lower() in self.tokens:
+            raise LoralabError(f"--embedding {path}: the token {token!r} is already loaded; give it once")
+        self._add_embedding(token, read_embedding_file(path), str(path))
+        return token.lower()
+
+    def apply_all(self, loras: Sequence["LoraSpec"], embeddings: Sequence[str | Path] = ()) -> None:
+        """`apply_embedding` each `--embedding` file, then `apply` each `--lora` spec; a file that does not fit
+        is a LoralabError starting with `--embedding` / `--lora`."""
+        for path in embeddings:
+            try:
+                self.apply_embedding(path)
+            except LoralabError as e:
+                raise LoralabError(f"--embedding {e}") from None
         for spec in loras:
             try:
                 self.apply(spec.path, spec.weight)
@@ -128,9 +177,14 @@ class SamplingModel:
         return self.model.unet.config.sample_size * self.vae_factor
 
     def remove(self) -> None:
-        """Take every applied LoRA off the model (the base model's weights are untouched)."""
+        """Take every applied LoRA and embedding off the model (the base model's weights are untouched)."""
+        from loralab.models.embeddings import clear_new_tokens
+
         while self.networks:
             self.networks.pop().restore()
+        if self.tokens:
+            clear_new_tokens(self.model.tokenizers, self.model.text_encoders)
+            self.tokens.clear()
 
     def conditioning(self, texts: list[str]):
         from loralab.models.text import encode_captions, unet_text_conditioning
@@ -163,18 +217,29 @@ class SamplingModel:
         return draw_images(prompts, batch_size=batch_size, **self._common(sampler, seed))
 
 
+def is_embedding_payload(sd) -> bool:
+    """A file of a textual-inversion embedding rather than a LoRA: no key names a module (`emb_params`,
+    `clip_l` / `clip_g`, a diffusers `<token>` key), one tensor or SDXL's two."""
+    keys = list(sd)
+    return bool(keys) and all("." not in k for k in keys) and (len(keys) == 1 or set(keys) == {"clip_l", "clip_g"})
+
+
 def generate(model_path: str | Path, prompts: Sequence, out_dir: str | Path, *, loras: Sequence[LoraSpec] = (),
              device: str = "", precision: str = "fp32", sampler: str = "", seed: int = 0,
              clip_skip: int = 0, max_token_length: int = 75, vae: str | None = None,
-             v_parameterization: bool = False,
+             v_parameterization: bool = False, embeddings: Sequence[str | Path] = (),
              file_stem: str = "gen") -> list[Path]:
-    """Draw each prompt (`SamplePrompt`s) with the LoRAs applied; returns the PNG paths in `out_dir`.
+    """Draw each prompt (`SamplePrompt`s) with the embeddings loaded and the LoRAs applied; returns the PNG
+    paths in `out_dir`.
     `v_parameterization` for v-prediction models (SD 2.x 768-v) whose file does not say so."""
+    for path in embeddings:  # before the model loads
+        if not Path(path).is_file():
+            raise LoralabError(f"--embedding {path}: not a file")
     sm = SamplingModel.load(model_path, device=device, precision=precision, vae=vae,
                             v_parameterization=v_parameterization, clip_skip=clip_skip,
                             max_token_length=max_token_length)
     try:
-        sm.apply_all(loras)
+        sm.apply_all(loras, embeddings)
         return sm.save_images(prompts, out_dir, sampler=sampler, seed=seed, file_stem=file_stem)
     finally:
         sm.remove()

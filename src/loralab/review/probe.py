@@ -143,7 +143,7 @@ def stand_in_ids(tok, tag_ids: Sequence[int], n: int, seed: int = STAND_IN_SEED)
 
 def tag_ids(tok, tag: str) -> list[int]:
     ids = _ids(tok, tag)
-    if not ids:
+    if not ids or not any(ch.isalnum() for ch in tag):  # "," tokenizes to the comma: a separator, not a tag
         raise LoralabError(f"probe: the tag {tag!r} is empty after tokenizing; give a tag with letters or digits")
     return ids
 

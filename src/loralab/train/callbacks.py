@@ -50,6 +50,8 @@ def save_network(run: Run, path: Path, epoch: int) -> None:
     md.update(run.recipe.extra_metadata(run))
     with how_to_continue(run):
         run.network.save(path, run.save_dtype, md, extra=run.recipe.extra_tensors(run))
+        if hasattr(run.recipe, "save_files"):  # files a recipe writes beside each LoRA file (pivotal: embeddings)
+            run.recipe.save_files(run, path)
     run.saved.append(path)
     if path.stem != run.cfg.output_name:
         run.last_good = path

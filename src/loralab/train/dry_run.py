@@ -22,20 +22,24 @@ log = logging.getLogger(__name__)
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
-def dry_run(cfg: TrainConfig, sources: dict[str, str]) -> str:
-    """The report of a run that is checked but not started (see the module docstring)."""
+def dry_run(cfg: TrainConfig, sources: dict[str, str], data: tuple[list[str], int] | None = None) -> str:
+    """The report of a run that is checked but not started (see the module docstring). `data`: a recipe
+    that trains without images (sliders / LECO) says what it trains on instead: (its lines, batches per epoch)."""
     from loralab.models.loader import peek_family
 
     check_outputs(cfg)
     check_resume_folder(cfg)
     run = Run(cfg=cfg, device=pick_device(cfg.device), out_dir=Path(cfg.output_dir))
-    setup_dataset(run)
-    count_steps(run, run.dataset.num_batches_per_epoch)
+    if data is None:
+        setup_dataset(run)
+    count_steps(run, run.dataset.num_batches_per_epoch if data is None else data[1])
     check_optimizer(run)
     family = peek_family(cfg.pretrained_model_name_or_path)
     lines = ["config (every key; the source of each value in brackets):"]
     lines += config_lines(cfg, sources)
-    lines += ["", "dataset:"] + dataset_lines(run)
+    lines += ["", "dataset:"] + (dataset_lines(run) if data is None else
+                                 [*data[0], f"  {data[1]} batches per epoch, {run.steps_per_epoch} steps per epoch, "
+                                            f"{run.num_epochs} epochs, {run.max_steps} steps"])
     lines += ["", f"model: {cfg.pretrained_model_name_or_path}: "
                   f"{FAMILY_NAMES.get(family, 'family not recognised from its key names')} (weights not loaded)"]
     lines += block_lines(cfg, family)

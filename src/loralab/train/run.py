@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,15 +118,18 @@ class Run:
         return autocast_for(self.device, self.weight_dtype)
 
 
-def prepare(cfg: TrainConfig, recipe: Recipe) -> Run:
-    """Build a run for `recipe` from the config (see the module docstring for the order)."""
+def prepare(cfg: TrainConfig, recipe: Recipe, data: Callable[[Run], int] | None = None) -> Run:
+    """Build a run for `recipe` from the config (see the module docstring for the order). `data(run)`, when
+    given, replaces the image dataset: it sets up the recipe's own data (a slider's prompts, the sample
+    prompts) and returns the batches per epoch; the run then has no dataset and no caches."""
     check_outputs(cfg)
     check_resume_folder(cfg)
     run = Run(cfg=cfg, recipe=recipe, started_at=time.time())
     setup_device(run)
     torch.manual_seed(cfg.seed)
-    setup_dataset(run)
-    count_steps(run, run.dataset.num_batches_per_epoch)
+    if data is None:
+        setup_dataset(run)
+    count_steps(run, run.dataset.num_batches_per_epoch if data is None else data(run))
     check_optimizer(run)
     load_model(run)
     setup_network(run)
@@ -355,8 +359,14 @@ def setup_network(run: Run) -> None:
     cfg, model = run.cfg, run.model
     net_cfg = cfg.network_config(train_unet=run.train_unet)
     if cfg.network_weights:
-        network = LoRANetwork.from_weights(cfg.network_weights, model.unet, model.text_encoders, model.family,
-                                           cfg=net_cfg)
+        from loralab.network.files import read_weights, split_bundle
+
+        weights, bundled = split_bundle(read_weights(cfg.network_weights))  # embeddings: a pivotal recipe's
+        if bundled and not cfg.token_string:
+            log.warning("network_weights: its embeddings (%s) are not trained on: set token_string to continue "
+                        "them (pivotal tuning)", ", ".join(bundled))
+        network = LoRANetwork.from_weights(weights if bundled else cfg.network_weights, model.unet,
+                                           model.text_encoders, model.family, cfg=net_cfg)
     else:
         network = LoRANetwork.create(model.unet, model.text_encoders, model.family, net_cfg)
     network.apply_to()
@@ -424,7 +434,7 @@ def cache_latents(run: Run) -> None:
     from loralab.data.latents import cache_latents as build_cache
 
     cfg = run.cfg
-    if not cfg.cache_latents:
+    if not cfg.cache_latents or run.dataset is None:
         return
     for key in ("color_aug", "random_crop"):  # kohya `is_latent_cacheable`
         if any(subset_flag(s, key, getattr(cfg, key)) for s in run.subsets):
@@ -455,7 +465,7 @@ def cache_text_encoder_outputs(run: Run) -> None:
     from loralab.data.text_encoder_cache import encoders_id, output_names
 
     cfg, model = run.cfg, run.model
-    if not cfg.cache_text_encoder_outputs:
+    if not cfg.cache_text_encoder_outputs or run.dataset is None:
         return
     options = {id(s.entry.subset): s.entry.subset.caption_options or run.caption_opts for s in run.dataset.samples}
     no_dropout = {k: dataclasses.replace(o, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
