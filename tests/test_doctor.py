@@ -57,6 +57,7 @@ def test_each_planted_case_puts_its_fix_first(runs, capsys):
     assert "1. 5_vexdef dominates" in out and "report: " in out
     md = (runs["missing_tags"] / "doctor" / "doctor.md").read_text(encoding="utf-8")
     assert md.index("### 1. captions lack") < md.index("## Checked") < md.index("## Could not check")
+    assert "## Pictures" not in md  # --no-images draws nothing, and shows nothing left by an earlier run
 
 
 def test_a_healthy_run_has_nothing_to_fix(runs):
@@ -85,6 +86,9 @@ def test_the_full_doctor_keeps_the_order_and_reuses_the_review(runs):
     assert "bleed on overrepresented" in checked and "the epochs (the review in review/review.json)" in checked
     assert r["unchecked"] == [] and r["bleed"]["shared_pieces"][0]["piece"] == "vex"
     assert [f["rank"] for f in r["findings"]] == sorted(f["rank"] for f in r["findings"])
+    md = (folder / "doctor" / "doctor.md").read_text(encoding="utf-8")
+    for link in ("../review/grid.png", "bleed/grid.png", "probe/5_vexdef/probe.png"):
+        assert f"]({link})" in md and (folder / "doctor" / link).is_file()
 
 
 def _copy_run(src: Path, dst: Path) -> Path:

@@ -281,3 +281,88 @@ def test_new_tokens_leave_other_captions_alone():
     clear_new_tokens([tok], [te])
     assert torch.equal(tokenize(tok, texts), before)
     assert isinstance(te.text_model.embeddings.token_embedding, torch.nn.Embedding)
+
+
+# ------------------------------------------------------------------- judging commands (attention, bleed)
+def one_vector_embedding(lab_run, tmp_path: Path, token: str = "vexone") -> Path:
+    """A 1-vector embedding file `<token>.safetensors`: the first trained vector of the run's vexdef."""
+    sd = load_file(str(lab_run["root"] / "out" / "piv_emb" / f"{TOKEN}.safetensors"))
+    path = tmp_path / f"{token}.safetensors"
+    save_file({k: v[:1].contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def test_attention_maps_a_pivotal_token_at_its_own_positions(lab_run, tmp_path, capsys):
+    from loralab.analyze.attention import word_positions
+
+    tok = clip_tokenizer()
+    base = word_positions(tok, "vexdef, vexone, red", ["vexdef", "vexone", "red"])
+    assert [w.tokens for w in base] == [("vex", "def</w>"), ("vex", "one</w>"), ("red</w>",)]
+    assert [w.positions for w in base] == [(1, 2), (4, 5), (7,)]
+    emb = one_vector_embedding(lab_run, tmp_path)
+    out = tmp_path / "maps"
+    rc = main(["attention", "--model", str(lab_model_path()), "--lora", str(lab_run["result"].final_file),
+               "--embedding", str(emb), "--words", "vexdef,vexone,red", "--out", str(out), "--device", "cpu",
+               "vexdef, vexone, red --w 32 --h 32 --d 1 --s 2 --l 7.5"])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads((out / "attention.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["base model", "vexone + piv:1"]
+    assert rows[0]["words"]["vexdef"]["tokens"] == ["vex", "def</w>"]
+    lora = rows[1]["words"]
+    assert lora["vexone"]["tokens"] == ["vexone"]  # one vector: one position
+    assert lora["vexdef"]["tokens"] == ["vexdef#0", "vexdef#1"]  # num_vectors_per_token = 2
+    assert all(0 < w["region_share"] < 1 for w in lora.values())  # the maps were computed
+    assert (out / "lora_vexone.png").is_file()
+    assert rows[1]["mass_inside"]["vexdef"]["vexone"] != rows[0]["mass_inside"]["vexdef"]["vexone"]
+    assert new_tokens(tok) == {}  # the command took its tokens off
+
+
+def test_bleed_finds_no_shared_pieces_for_a_pivotal_tag(lab_run, tmp_path, capsys):
+    from loralab.review.bleed import bleed_probes
+
+    plain = bleed_probes(clip_tokenizer(), ["vexdef", "vexbar"])  # without the LoRA: "vex" is shared
+    assert [p.label for p in plain if p.kind == "piece"][0] == "piece 'vex' of vexdef, vexbar"
+    out = tmp_path / "bleed"
+    rc = main(["bleed", "--model", str(lab_model_path()), "--lora", str(lab_run["result"].final_file),
+               "--tags", "vexdef,vexbar", "--seeds", "1", "--steps", "2", "--no-lab-scores", "--out", str(out),
+               "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads((out / "bleed.json").read_text())
+    assert r["pivotal_tags"] == ["vexdef"] and r["new_tokens"] == ["vexdef"]
+    assert r["shared_pieces"] == []
+    pieces = [p for p in r["probes"] if p["kind"] == "piece"]
+    assert [p["tags"] for p in pieces] == [["vexbar"], ["vexbar"]]  # only the plain tag's pieces are probed
+    assert "its own trained token" in (out / "report.md").read_text()
+
+
+def test_probe_bleed_and_maps_read_a_loaded_token_as_its_ids_and_split_it_without():
+    from loralab.analyze.attention import word_positions
+    from loralab.review.bleed import bleed_probes
+    from loralab.review.probe import probe_prompts, tag_ids
+
+    tok = clip_tokenizer()
+    te = torch.nn.Module()
+    te.text_model = torch.nn.Module()
+    te.text_model.embeddings = torch.nn.Module()
+    te.text_model.embeddings.token_embedding = torch.nn.Embedding(49408, 8)
+    add_new_token([tok], [te], TOKEN, [torch.ones(2, 8)])
+    try:
+        assert tag_ids(tok, TOKEN) == [49408, 49409]
+        rows = probe_prompts(tok, TOKEN, "shape", 2)
+        assert all(49408 not in ids for label, ids in rows.items() if label.startswith("stand-in"))
+        assert [p.kind for p in bleed_probes(tok, [TOKEN, "vexbar"])] == ["tag", "tag", "piece", "piece", "pair"]
+        (w,) = word_positions(tok, "red, vexdef", [TOKEN])
+        assert w.tokens == ("vexdef#0", "vexdef#1") and w.positions == (3, 4)
+    finally:
+        clear_new_tokens([tok], [te])
+    assert tag_ids(tok, TOKEN) == tok("vexdef", add_special_tokens=False).input_ids  # vex + def</w> again
+    assert any(p.kind == "piece" and len(p.tags) == 2 for p in bleed_probes(tok, [TOKEN, "vexbar"]))
+
+
+def test_attention_and_bleed_refuse_a_missing_embedding_file_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "vexone.safetensors"
+    for argv in (["attention", "--model", str(lab_model_path()), "--embedding", str(missing), "vexone, red"],
+                 ["bleed", "--model", str(lab_model_path()), "--lora", str(lab_model_path()), "--tags", "vexone",
+                  "--embedding", str(missing)]):
+        assert main(argv) == 2
+        assert f"error: --embedding {missing}: not a file" in capsys.readouterr().err

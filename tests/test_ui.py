@@ -1,7 +1,9 @@
 """`loralab ui` driven in a real headless Chromium (Debian's chromium + chromedriver, through Selenium): the
 form queues two tiny trainings, the first one's loss curve and samples appear, the app restarts mid-queue
 and finds the queue intact, the second job runs, the first one's review opens and `generate` draws with its
-first epoch at weight 0.5; bad input shows the CLI's message next to its field; the dataset reports; a
+first epoch at weight 0.5, and the Doctor button's `loralab doctor --no-images` shows its ranked findings there;
+bad input shows the CLI's message next to its field; the dataset reports, and the problems of
+`dataset check` with thumbnails of their images (a planted grayscale image, a caption without its tag); a
 failing training shows its error and the app keeps running; cancel leaves a resumable state; the app
 listens on 127.0.0.1 only and serves no file outside its folders."""
 
@@ -17,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -140,6 +144,20 @@ def tiny_run(lab, out: Path, name: str, epochs: int = 2) -> dict[str, str]:
             "train_batch_size": "2"}
 
 
+def make_planted(root: Path) -> Path:
+    """A concept folder with two problems `dataset check` finds: a grayscale image whose caption does not say
+    so, and a caption without the activation tag; and two clean images."""
+    rng = np.random.default_rng(1)
+    concept = root / "2_alpha"
+    concept.mkdir(parents=True)
+    for name, caption in (("ok0", "alpha, red"), ("ok1", "alpha, blue"), ("untagged", "red, blue background")):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(concept / f"{name}.png")
+        (concept / f"{name}.txt").write_text(caption)
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).convert("L").save(concept / "gray.png")
+    (concept / "gray.txt").write_text("alpha, green")
+    return root
+
+
 def field_error(browser, key: str) -> str:
     found = browser.find_elements(By.ID, f"err-{key}")
     return found[0].text if found else ""
@@ -222,6 +240,26 @@ def test_queue_two_trainings_watch_restart_and_review(browser, lab, tmp_path):
         assert len(info["images"]) == 1 and "--lora" in info["log"] and "first-000001.safetensors:0.5" in info["log"]
         img = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#images img.generated"), 20, "the image")[0]
         wait(browser, lambda: browser.execute_script("return arguments[0].naturalWidth", img) == 64, 10, "its pixels")
+
+        browser.get(app.url + "/jobs/1/results")  # the doctor, quick (--no-images), then its findings there
+        assert not browser.find_elements(By.ID, "findings")
+        browser.find_element(By.ID, "doctor-no-images").click()
+        browser.find_element(By.ID, "do-doctor").click()
+        wait(browser, lambda: browser.current_url.endswith("/jobs/5"), 10, "the doctor job")
+        info = app.wait_job(5, lambda i: i["status"] == "done", 300)
+        assert "doctor " + str(out) in info["log"] and "--no-images" in info["log"]
+        diagnosis = json.loads((out / "doctor" / "doctor.json").read_text())
+        assert diagnosis["findings"] and (out / "doctor" / "doctor.md").is_file()
+        wait(browser, lambda: browser.find_element(By.ID, "results-link").is_displayed(), 10, "the results link")
+        browser.find_element(By.ID, "results-link").click()  # a doctor job's results: its run's page
+        wait(browser, lambda: browser.current_url.endswith("/jobs/1/results"), 10, "the results page")
+        findings = browser.find_elements(By.CSS_SELECTOR, "#findings > li.finding")
+        assert [f.find_element(By.CLASS_NAME, "finding-title").text for f in findings] == \
+            [f["title"] for f in diagnosis["findings"]]  # ranked as doctor.json ranks them
+        first = diagnosis["findings"][0]
+        assert findings[0].find_element(By.CLASS_NAME, "fix").text == f"fix: {first['fix']}"
+        assert [m.text for m in findings[0].find_elements(By.CSS_SELECTOR, ".measured li")] == first["measured"]
+        assert browser.find_element(By.ID, "doctor-answer").text == diagnosis["answer"]
     finally:
         app.stop()
 
@@ -284,6 +322,29 @@ def test_bad_input_shows_the_cli_message_next_to_the_field(browser, lab, tmp_pat
         assert "steps per epoch: 2 (batch size 2, 4 train + 0 reg samples)" in reports[0]  # 2 images x 2 repeats
         assert "--resolution 64" in reports[0] and "--no-bucket" in reports[0]
         assert "tag0" in reports[1] and "alpha" in reports[2] and "share no token" in reports[2]
+        problem = browser.find_element(By.ID, "problem-1")  # --no-bucket: the 64x96 image loses a third
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".problem")) == 1 and "warning: heavy_crop" in problem.text
+        assert problem.find_element(By.CSS_SELECTOR, "img.thumb").get_attribute("src") == \
+            f"{app.url}/datasets/0/2_alpha/alpha1.png"
+
+        planted = make_planted(tmp_path / "planted")  # problems with thumbnails of their images
+        browser.get(app.url + f"/config?load={saved}")
+        fill(browser, {"train_data_dir": str(planted)})
+        browser.find_element(By.ID, "do-dataset").click()
+        problems = {p.find_element(By.TAG_NAME, "b").text: p for p in browser.find_elements(By.CSS_SELECTOR, ".problem")}
+        assert set(problems) == {"warning: grayscale", "warning: activation_missing"}, list(problems)
+        for code, image in (("warning: grayscale", "gray.png"), ("warning: activation_missing", "untagged.png")):
+            thumb = problems[code].find_element(By.CSS_SELECTOR, "img.thumb")
+            assert thumb.get_attribute("src") == f"{app.url}/datasets/1/2_alpha/{image}"  # root 0: the first check
+            wait(browser, lambda: browser.execute_script("return arguments[0].naturalWidth", thumb) == 64, 10, image)
+            assert app.get(f"/datasets/1/2_alpha/{image}") == (200, (planted / "2_alpha" / image).read_bytes())
+        assert "untagged.txt" in problems["warning: activation_missing"].text
+        assert "activation tag 'alpha' of 2_alpha is missing" in problems["warning: activation_missing"].text
+        (tmp_path / "secret.txt").write_text("outside")
+        for path in ("/datasets/1/../../secret.txt", "/datasets/1/%2e%2e/%2e%2e/secret.txt", "/datasets/2/x.png",
+                     "/datasets/1/2_alpha/../../secret.txt", f"/datasets/1/{tmp_path / 'secret.txt'}"):
+            status, body = app.get(path)
+            assert status == 404 and b"outside" not in body, path
     finally:
         app.stop()
 

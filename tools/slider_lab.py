@@ -1,7 +1,7 @@
 """Sliders and LECO on the lab model, scored by the lab evaluator (CPU, a few minutes a run).
 
     OMP_NUM_THREADS=1 python tools/slider_lab.py --out /tmp/slider_lab            # both runs
-    OMP_NUM_THREADS=1 python tools/slider_lab.py --out /tmp/slider_lab --only erase --steps 200
+    OMP_NUM_THREADS=1 python tools/slider_lab.py --out /tmp/slider_lab --only erase --erase-steps 225
 
 (a) a size slider trained from prompt pairs only: for training triples "<colour> <shape>, <bg> background",
     positive "…, large", negative "…, small", action enhance, bidirectional. Scored on the held-out
@@ -9,7 +9,7 @@
     at LoRA weights +1, 0, −1: the share read "large" / "small", and shape, colour, background accuracy.
 (b) a LECO erase of one colour: erase entries "red <shape>, <bg> background" (positive = target, neutral =
     negative = the prompt without the colour) and anchor entries of the other colours (guidance 0: kept as
-    the base model has them). Scored on (shape, background) pairs of the erased colour that no entry
+    the base model has them; `--anchor-colours` weights orange, red's neighbour, three times). Scored on (shape, background) pairs of the erased colour that no entry
     used, and on held-out triples of the other colours: the share read as the erased colour, and the
     other colours' colour accuracy.
 Every run goes through `loralab train`'s own path (`recipes.recipe_for` → the slider recipe).
@@ -34,6 +34,8 @@ from loralab.network.lora import LoRANetwork
 from loralab.recipes import train_any
 
 WEIGHTS = (1.0, 0.0, -1.0)
+# the erase run's anchor colours: orange, the colour the evaluator loses first when red is erased, weighted 3x
+ERASE_ANCHORS = "orange,orange,orange,yellow,purple,green,blue,white,black"
 
 
 def base_caption(shape: str, colour: str, bg: str) -> str:
@@ -57,14 +59,16 @@ def size_slider_prompts(n: int, guidance: float, seed: int = 0) -> tuple[str, li
     return text, used
 
 
-def erase_prompts(colour: str, n_erase: int, n_anchor: int, guidance: float, seed: int = 0):
+def erase_prompts(colour: str, n_erase: int, n_anchor: int, guidance: float, seed: int = 0,
+                  anchor_colours: list[str] | None = None):
     """Erase entries of `colour` on n_erase (shape, bg) pairs, anchors of other colours on the same pairs; the
-    unused pairs and the anchor triples."""
+    unused pairs and the anchor triples. `anchor_colours` (repeats weight a colour) is the anchors' colour
+    cycle; None: every other colour once."""
     rng = random.Random(seed)
     pairs = [(s, b) for s in W.TRAIN_SHAPES for b in W.BACKGROUNDS if b != colour]
     rng.shuffle(pairs)
     erase_pairs = pairs[:n_erase]
-    kept = [c for c in W.COLOURS if c != colour]
+    kept = [c for c in (anchor_colours or W.COLOURS) if c != colour]
     # anchors: the erase entries' own (shape, background) pairs in the other colours, in turn, so that the
     # LoRA tells the colour word apart rather than the shapes and backgrounds around it
     anchors, i = [], 0
@@ -88,7 +92,8 @@ def train(out: Path, name: str, prompt_text: str, args) -> tuple[Path, float]:
     cfg = build_config(None, {
         "pretrained_model_name_or_path": str(lab_model_path()), "prompts_file": str(pf), "output_dir": str(out),
         "output_name": name, "overwrite": True, "resolution": "32", "network_dim": args.dim,
-        "network_alpha": args.dim, "learning_rate": args.lr, "max_train_steps": args.steps,
+        "network_alpha": args.dim, "learning_rate": args.lr,
+        "max_train_steps": args.erase_steps if name.startswith("erase") else args.steps,
         "max_denoising_steps": args.denoise_steps, "leco_denoise_guidance_scale": args.denoise_cfg,
         "leco_training_method": args.method if name.startswith("erase") else args.slider_method,
         "optimizer_type": "AdamW", "save_precision": "fp16", "seed": args.seed, "device": args.device})
@@ -160,7 +165,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/slider_lab")
     ap.add_argument("--only", choices=("slider", "erase"), default=None)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=200, help="steps of the slider run")
+    ap.add_argument("--erase-steps", type=int, default=225, help="steps of the erase run")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dim", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=1.0, help="η of the slider entries")
@@ -171,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--slider-method", default="full", help="leco_training_method of the slider run")
     ap.add_argument("--n-prompts", type=int, default=24)
     ap.add_argument("--n-anchors", type=int, default=12, help="anchor entries of the erase run (other colours)")
+    ap.add_argument("--anchor-colours", default=ERASE_ANCHORS,
+                    help="comma-separated colour cycle of the erase run's anchors, repeats weight a colour (red's "
+                         "neighbour orange thrice); '' : each other colour once")
     ap.add_argument("--colour", default="red")
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -192,13 +201,15 @@ def main(argv=None) -> int:
         report["slider"] = {"train_seconds": secs, "rows": {str(k): v for k, v in rows.items()}}
     if args.only in (None, "erase"):
         n_erase = args.n_prompts // 2
-        text, held_pairs, anchors = erase_prompts(args.colour, n_erase, args.n_anchors, args.erase_guidance, args.seed)
+        cycle = args.anchor_colours.split(",") if args.anchor_colours else None
+        text, held_pairs, anchors = erase_prompts(args.colour, n_erase, args.n_anchors, args.erase_guidance, args.seed,
+                                                  cycle)
         lora, secs = train(out, f"erase_{args.colour}", text, args)
         others = [t for t in W.HELD_OUT_TRIPLES if t[1] != args.colour][:24]
         t0 = time.perf_counter()
         rows = score_erase(model, ev, lora, args.colour, held_pairs, others, args.eval_steps)
-        print(table(f"(b) LECO erase of {args.colour}: {n_erase} erase + {len(anchors)} anchor entries, {args.steps} "
-                    f"steps, trained in {secs:.0f} s; {len(held_pairs)} unused {args.colour} prompts, {len(others)} "
+        print(table(f"(b) LECO erase of {args.colour}: {n_erase} erase + {len(anchors)} anchor entries, "
+                    f"{args.erase_steps} steps, trained in {secs:.0f} s; {len(held_pairs)} unused {args.colour} prompts, {len(others)} "
                     f"held-out prompts of other colours, scored in {time.perf_counter() - t0:.0f} s", rows))
         report["erase"] = {"train_seconds": secs, "rows": {str(k): v for k, v in rows.items()}}
     (out / "slider_lab.json").write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -50,9 +50,11 @@ class WordTokens:
 
 def _content_ids(tokenizer, text) -> list[int]:
     """The ids of a text without BOS/EOS; a `models.text.TokenIds` prompt is its own ids."""
+    from loralab.models.embeddings import text_ids
+
     if not isinstance(text, str):
         return list(text)
-    return list(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+    return text_ids(tokenizer, text)  # a loaded new word (pivotal tuning, --embedding) is its own id(s)
 
 
 def word_positions(tokenizer, prompt: str, words: Sequence[str], max_token_length: int | None = None) -> list[WordTokens]:
@@ -62,7 +64,10 @@ def word_positions(tokenizer, prompt: str, words: Sequence[str], max_token_lengt
     in the prompt: each occurrence of the word's id sequence in the prompt's ids counts. Content token i
     sits at position 1 + i of the conditioning (after BOS; with `max_token_length` 150/225 the chunks are
     joined as kohya does, which keeps that rule). A word not in the prompt, or a prompt longer than the
-    token limit, is a LoralabError."""
+    token limit, is a LoralabError. A new word loaded on the tokenizer (a pivotal LoRA's bundle, an
+    `--embedding`) is read as the sampler reads it: its own id(s), one position per vector."""
+    from loralab.models.embeddings import id_names
+
     limit = max_token_length or CHUNK_TOKENS
     ids = _content_ids(tokenizer, prompt)
     if len(ids) > limit:
@@ -80,7 +85,7 @@ def word_positions(tokenizer, prompt: str, words: Sequence[str], max_token_lengt
             raise LoralabError(f"word {word!r} is not in the prompt {prompt!r}; its tags are: "
                                + ", ".join(prompt_tags(prompt)))
         pos = tuple(1 + s + j for s in starts for j in range(len(w_ids)))
-        out.append(WordTokens(word, tuple(tokenizer.convert_ids_to_tokens(w_ids)), pos))
+        out.append(WordTokens(word, tuple(id_names(tokenizer, w_ids)), pos))
     return out
 
 

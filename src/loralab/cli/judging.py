@@ -115,7 +115,7 @@ def cmd_attention(args: argparse.Namespace, extra: list[str]) -> int:
     prompt = parse_prompt_line(args.prompt, where="prompt")
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else []
     result = attention(args.model, prompt, args.out, words=words, loras=[parse_lora_arg(t) for t in args.lora],
-                       device=args.device, precision=args.precision, seed=args.seed, sampler=args.sampler,
+                       embeddings=args.embedding, device=args.device, precision=args.precision, seed=args.seed, sampler=args.sampler,
                        clip_skip=args.clip_skip, max_token_length=args.max_token_length)
     for row in result["rows"]:
         print(f"{row['label']}:")
@@ -137,6 +137,8 @@ def _add_attention_parser(sub) -> None:
     a.add_argument("--model", required=True, help="base model: single file or diffusers folder")
     a.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a LoRA file and its weight (default 1.0); repeat to stack")
+    a.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding, drawn with the LoRA row; its file name is its token")
     a.add_argument("--words", default="", help="comma-separated words or tags to map (default: each tag of the prompt)")
     a.add_argument("--out", default="attention", help="output folder (default: attention)")
     a.add_argument("--seed", type=int, default=0, help="seed when the prompt has no --d (default 0)")
@@ -160,7 +162,7 @@ def cmd_bleed(args: argparse.Namespace, extra: list[str]) -> int:
                         dataset=args.dataset or "", class_word=args.class_word, contexts=list(args.context),
                         seeds=args.seeds, seed=args.seed, steps=args.steps, scale=args.cfg, sampler=args.sampler,
                         out=args.out, device=args.device, precision=args.precision, clip_skip=args.clip_skip,
-                        caption_extension=args.caption_extension)
+                        caption_extension=args.caption_extension, embeddings=list(args.embedding))
     if size != (0, 0):
         opts.width, opts.height = size
     judge = None if args.no_lab_scores else _lab_shape_reader(args.model, args.device)
@@ -194,6 +196,8 @@ def _add_bleed_parser(sub) -> None:
                                    "carry a concept by themselves, the dominant concept and the guide's fixes.")
     b.add_argument("--model", required=True, help="base model: single file or diffusers folder")
     b.add_argument("--lora", required=True, metavar="FILE[:WEIGHT]", help="the LoRA file and its weight (default 1.0)")
+    b.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding loaded with the LoRA; its file name is its token")
     b.add_argument("--dataset", help="the training folder (kohya layout): activation tags, images x repeats, balance")
     b.add_argument("--tags", default="", help="comma-separated tags to probe (default: the dataset's activation tags)")
     b.add_argument("--class-word", default="", help="the class word to probe too (e.g. woman, shape)")

@@ -86,8 +86,12 @@ class LabModel:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """CLIP last hidden state (after the final layer norm) of `texts`, 77 tokens each: (n, 77, dim)."""
-        ids = self.tok(list(texts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        """CLIP last hidden state (after the final layer norm) of `texts`, 77 tokens each: (n, 77, dim). Tokenized
+        as training and sampling do (`models.text.tokenize`): a new word added to `tok` (pivotal tuning,
+        `models.embeddings.add_new_token`) is its own id(s); other prompts give the ids they always gave."""
+        from loralab.models.text import tokenize
+
+        ids = tokenize(self.tok, list(texts))
         return self.te(ids.to(self.device)).last_hidden_state.float()
 
     @torch.no_grad()

@@ -174,6 +174,32 @@ def caption_ids(tokenizer, caption: str) -> list[int] | None:
     return ids
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The content ids (no BOS/EOS) of `text` as the training and sampling path reads it: a registered new
+    word is its own id(s) (`caption_ids`), the rest is tokenized as usual. The judging commands (attention
+    maps, bleed, probe) place words with this, so a pivotal token is one position per vector, not its pieces."""
+    ids = caption_ids(tokenizer, text)
+    return list(tokenizer(text, add_special_tokens=False, truncation=False).input_ids) if ids is None else ids
+
+
+def id_names(tokenizer, ids) -> list[str]:
+    """`convert_ids_to_tokens` that also names the new words' ids: the word itself (one vector) or
+    `word#0`, `word#1`, ... (several vectors)."""
+    names = {}
+    for word, w_ids in new_tokens(tokenizer).items():
+        for i, t in enumerate(w_ids):
+            names[t] = word if len(w_ids) == 1 else f"{word}#{i}"
+    ids = list(ids)
+    base = tokenizer.convert_ids_to_tokens([t for t in ids if t not in names])
+    it = iter(base)
+    return [names[t] if t in names else next(it) for t in ids]
+
+
+def is_new_id(tokenizer, token_id: int) -> bool:
+    """True when `token_id` belongs to a registered new word."""
+    return any(token_id in w_ids for w_ids in new_tokens(tokenizer).values())
+
+
 def init_vectors(tokenizer, table: torch.Tensor, init_word: str, n: int, *, token: str,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """The starting vectors [n, dim] of a new token: the init word's token embeddings, cycled when the init

@@ -126,12 +126,17 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 # -------------------------------------------------------------------------------------------- command
 def attention(model_path: str | Path, prompt, out_dir: str | Path, *, words: Sequence[str] = (),
-              loras: Sequence = (), device: str = "", precision: str = "fp32", seed: int = 0, sampler: str = "",
+              loras: Sequence = (), embeddings: Sequence = (), device: str = "", precision: str = "fp32", seed: int = 0, sampler: str = "",
               clip_skip: int = 0, max_token_length: int = 75, vae: str | None = None) -> dict:
-    """What `loralab attention` runs: the rows (base model, then the LoRAs applied together, on the same
-    seed), their sheet, overlays and `attention.json`; returns the JSON's content."""
+    """What `loralab attention` runs: the rows (base model, then the LoRAs and `--embedding` files applied
+    together, on the same seed), their sheet, overlays and `attention.json`; returns the JSON's content.
+    Each row places the words as its own sampler reads them: with a pivotal LoRA's bundled token (or an
+    embedding) loaded, the token is its own position(s), while the base row sees its CLIP pieces."""
     from loralab.review.generate import SamplingModel
 
+    for path in embeddings:  # before the model loads
+        if not Path(path).is_file():
+            raise LoralabError(f"--embedding {path}: not a file")
     words = list(words) or prompt_tags(prompt.prompt)
     if not words:
         raise LoralabError("the prompt has no words to map; give a prompt or --words")
@@ -140,10 +145,10 @@ def attention(model_path: str | Path, prompt, out_dir: str | Path, *, words: Seq
     word_positions(sm.model.tokenizers[0], prompt.prompt, words, sm.max_token_length)  # bad words: before drawing
     prompt = replace(prompt, seed=seed if prompt.seed is None else prompt.seed)
     rows = [("base model", draw_with_maps(sm, prompt, words, sampler=sampler))]
-    if loras:
+    if loras or embeddings:
         try:
-            sm.apply_all(loras)
-            label = " + ".join(f"{s.path.stem}:{s.weight:g}" for s in loras)
+            sm.apply_all(loras, embeddings)
+            label = " + ".join([Path(e).stem for e in embeddings] + [f"{s.path.stem}:{s.weight:g}" for s in loras])
             rows.append((label, draw_with_maps(sm, prompt, words, sampler=sampler)))
         finally:
             sm.remove()

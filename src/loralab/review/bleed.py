@@ -30,6 +30,11 @@ piece's images show most (judge), else the tag the LoRA changes most. The fixes 
 apply: fewer repeats on the dominant concept (the balance `loralab tokens --dataset` computes), a distinct
 activation tag (no shared piece), pivotal tuning (train the tag's embedding).
 
+A pivotal LoRA (its file bundles `bundle_emb.<token>.*`) or an `--embedding` file loads its new tokens while
+the report is drawn: a tag that is a new token is read as the sampler reads it, its own id(s), so it has no
+shared pieces and no piece probes (`pivotal_tags` in bleed.json); its DAAM map is its own position(s). The
+images "without the LoRA" keep the new token loaded (only the LoRA's weights come off).
+
 Files in `--out`: `bleed.json`, `report.md`, `grid.png` (per probe a row without and a row with the LoRA,
 one column per seed), `maps.png` (the probe's words' maps with the LoRA, first seed).
 """
@@ -75,8 +80,23 @@ class Probe:
 
 
 def _pieces(tokenizer, tag: str) -> list[tuple[int, str]]:
-    ids = tokenizer(tag, add_special_tokens=False).input_ids
-    return list(zip(ids, tokenizer.convert_ids_to_tokens(ids)))
+    """The tag's (id, piece) as the sampler reads it: a loaded new word (a pivotal LoRA's token) is its own
+    id(s), named `word` or `word#i`."""
+    from loralab.models.embeddings import id_names, text_ids
+
+    ids = text_ids(tokenizer, tag)
+    return list(zip(ids, id_names(tokenizer, ids)))
+
+
+def _shared_pieces(tokenizer, tag: str) -> list[tuple[int, str]]:
+    """The pieces of a tag that other tags can share: none for a tag that is a new word (pivotal tuning:
+    its vectors are its own ids, no other word reads them), else its base-vocabulary pieces."""
+    from loralab.models.embeddings import is_new_id
+
+    pieces = _pieces(tokenizer, tag)
+    if len(pieces) < 2 or any(is_new_id(tokenizer, t) for t, _ in pieces):
+        return []
+    return pieces
 
 
 def bleed_probes(tokenizer, tags: Sequence[str], class_word: str = "") -> list[Probe]:
@@ -89,9 +109,7 @@ def bleed_probes(tokenizer, tags: Sequence[str], class_word: str = "") -> list[P
         probes.append(Probe("tag", tag, tag, [WordTokens(tag, (), tuple(range(1, n + 1)))], [tag]))
     seen: dict[int, Probe] = {}
     for tag in tags:
-        pieces = _pieces(tokenizer, tag)
-        if len(pieces) < 2:
-            continue
+        pieces = _shared_pieces(tokenizer, tag)
         for tid, token in pieces:
             if tid in seen:
                 if tag not in seen[tid].tags:
@@ -121,7 +139,9 @@ def with_context(tokenizer, body, context: str):
         return f"{body}, {context}"
     from loralab.models.text import TokenIds
 
-    return TokenIds(list(body) + list(tokenizer(", " + context, add_special_tokens=False).input_ids))
+    from loralab.models.embeddings import text_ids
+
+    return TokenIds(list(body) + text_ids(tokenizer, ", " + context))
 
 
 # ------------------------------------------------------------------------------------------- drawing
@@ -287,6 +307,7 @@ class BleedOptions:
     precision: str = "fp32"
     clip_skip: int = 0
     caption_extension: str = ".txt"
+    embeddings: list[str] = field(default_factory=list)  # --embedding files, loaded before the LoRA
 
 
 def dataset_weights(opts: BleedOptions) -> tuple[list[str], dict[str, float], list]:
@@ -317,9 +338,12 @@ def bleed(opts: BleedOptions, judge: Judge | None = None, progress: Callable[[st
 
     if opts.seeds < 1:
         raise LoralabError(f"--seeds {opts.seeds}: at least 1")
+    for path in opts.embeddings:  # before the model loads
+        if not Path(path).is_file():
+            raise LoralabError(f"--embedding {path}: not a file")
     tags, weights, groups = dataset_weights(opts)
     sm = SamplingModel.load(opts.model, device=opts.device, precision=opts.precision, clip_skip=opts.clip_skip)
-    sm.apply_all([LoraSpec(opts.lora, opts.weight)])  # a LoRA for another base model: said before any drawing
+    sm.apply_all([LoraSpec(opts.lora, opts.weight)], opts.embeddings)  # a LoRA for another base model: said before any drawing
     try:
         return _bleed(sm, opts, tags, weights, groups, judge, progress)
     finally:
@@ -328,6 +352,8 @@ def bleed(opts: BleedOptions, judge: Judge | None = None, progress: Callable[[st
 
 def _bleed(sm, opts: BleedOptions, tags: list[str], weights: dict[str, float], groups: list, judge, progress) -> dict:
     from loralab.train.sampling import SamplePrompt
+
+    from loralab.models.embeddings import is_new_id
 
     (net,) = sm.networks
     width, height = opts.width or sm.native_size, opts.height or sm.native_size
@@ -352,7 +378,8 @@ def _bleed(sm, opts: BleedOptions, tags: list[str], weights: dict[str, float], g
         maps.append((p.label, d.maps))
     found = findings(probes, weights)
     result = {"model": str(opts.model), "lora": str(opts.lora), "weight": opts.weight, "tags": tags,
-              "epoch_share": weights, "contexts": opts.contexts, "seeds": opts.seeds, "carry_bar": CARRY_BAR,
+              "epoch_share": weights, "new_tokens": sorted(sm.tokens),
+              "pivotal_tags": [t for t in tags if any(is_new_id(tok, i) for i, _ in _pieces(tok, t))], "contexts": opts.contexts, "seeds": opts.seeds, "carry_bar": CARRY_BAR,
               "probes": [{"kind": p.kind, "label": p.label, "tags": p.tags, "change": round(p.change, 4),
                           "judged": p.judged, "judged_without": p.judged_base, "overlap": p.overlap}
                          for p in probes],
@@ -401,6 +428,9 @@ def render_report(r: dict) -> str:
         overlap = "; ".join(f"{a} in {b} {v:.0%}" for a, other in p["overlap"].items() for b, v in other.items())
         lines.append(f"| {p['label']} | {p['change']:.3f} | {shows} | {overlap} |")
     lines += ["", "## Shared pieces", ""]
+    if r.get("pivotal_tags"):
+        lines.append(f"Pivotal tags ({', '.join(r['pivotal_tags'])}): each is its own trained token (the LoRA's "
+                     "bundled embedding or --embedding), not CLIP pieces, so it has no piece to share or probe.")
     if not r["shared_pieces"]:
         lines.append("The tags share no token piece.")
     for p in r["shared_pieces"]:

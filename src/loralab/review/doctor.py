@@ -308,7 +308,7 @@ def doctor(opts: DoctorOptions, judge=None, shape_reader: Callable | None = None
     if can_draw and ds is not None:
         from loralab.review.doctor_images import bleed_findings, probe_findings
 
-        findings += probe_findings(model, ds, values, opts, out, checked, progress)
+        findings += probe_findings(model, ds, values, opts, out, checked, progress, diag.extra)
         if run is not None and run.epochs and diag.epoch_file:
             findings += bleed_findings(model, Path(diag.epoch_file), ds, values, opts, out, checked, shape_reader,
                                        progress, diag.extra)
@@ -381,6 +381,7 @@ def _epochs(diag: Diagnosis, run, opts: DoctorOptions, model: str, judge, progre
         best, reasons = review["recommended_epoch"], review["reasons"]
         alarm, evidence = review["overfitting_alarm"], review["evidence"]
         source = "review (review/review.json)"
+        diag.extra.setdefault("drew", []).append("review")
         diag.checked.append("the epochs (the review in review/review.json)")
     elif model:
         from loralab.review.review import ReviewOptions, review_run
@@ -389,6 +390,7 @@ def _epochs(diag: Diagnosis, run, opts: DoctorOptions, model: str, judge, progre
         r = review_run(run.folder, ReviewOptions(model=opts.model, name=opts.name, device=opts.device), judge=judge)
         best, reasons, alarm, evidence = r.recommended, r.reasons, r.alarm, r.evidence
         source = "review"
+        diag.extra.setdefault("drew", []).append("review")
         diag.checked.append(f"the epochs (review: {r.report})")
     else:
         best, reasons, alarm, evidence = loss_only_pick(run)

@@ -30,7 +30,7 @@ def activation_tags(ds) -> list[tuple[str, str, list[str]]]:
 
 
 def probe_findings(model: str, ds, values: dict, opts, out: Path, checked: list[str],
-                   progress: Callable[[str], None]) -> list:
+                   progress: Callable[[str], None], extra: dict[str, Any]) -> list:
     """Rank 5: an activation tag the base model already knows (`probe`, 8 seeds: its calibration)."""
     from loralab.review.doctor import PROBE_TAGS, Finding
     from loralab.review.probe import ADVICE, ProbeOptions, probe
@@ -45,6 +45,7 @@ def probe_findings(model: str, ds, values: dict, opts, out: Path, checked: list[
             said.append(f"{tag}: not probed ({e})")
             continue
         said.append(f"{tag}: {r['verdict']}")
+        extra.setdefault("probed", []).append(concept)
         if r["verdict"] == "known":
             found.append(Finding(5, f"the base model already knows the tag {tag!r}", [
                 f"text encoder distinctness {r['text_distinctness']:.2f}, image {r['distinctness']:.2f} (known at "
@@ -71,6 +72,7 @@ def bleed_findings(model: str, lora: Path, ds, values: dict, opts, out: Path, ch
                            device=opts.device, clip_skip=int(values.get("clip_skip") or 0),
                            caption_extension=str(values.get("caption_extension") or ".txt")), judge=shape_reader)
     extra["bleed"] = {"shared_pieces": r["shared_pieces"], "tag_into_tag": r["tag_into_tag"]}
+    extra.setdefault("drew", []).append("bleed")
     checked.append(f"bleeding between concepts (bleed on {lora.name}: bleed/report.md)")
     found = []
     for p in r["shared_pieces"]:

@@ -24,10 +24,30 @@ def render(d) -> str:
         lines += ["No problem found.", ""]
     if d.epoch:
         lines += [f"Recommended epoch: {d.epoch} (`{Path(d.epoch_file).name}`).", ""]
+    pictures = figures(d)
+    if pictures:
+        lines += ["## Pictures", ""] + [f"![{title}]({rel})" for title, rel in pictures] + [""]
     lines += ["## Checked", ""] + [f"- {c}" for c in d.checked] + [""]
     if d.unchecked:
         lines += ["## Could not check", ""] + [f"- {c}" for c in d.unchecked] + [""]
     return "\n".join(lines)
+
+
+def figures(d) -> list[tuple[str, str]]:
+    """(title, path relative to doctor.md) of the pictures the checks drew: the review's loss graph and grid, the
+    bleeding grid and maps, each probe's images."""
+    import os
+
+    drew = set(d.extra.get("drew", []))  # only what this diagnosis used, never a picture left by an earlier one
+    wanted = []
+    if "review" in drew:
+        wanted += [("loss graph (review)", d.folder / "review" / "loss.png"),
+                   ("base model and every epoch (review)", d.folder / "review" / "grid.png")]
+    if "bleed" in drew:
+        wanted += [("bleeding probes: without / with the LoRA (bleed)", d.out / "bleed" / "grid.png"),
+                   ("where each probe's words act (bleed)", d.out / "bleed" / "maps.png")]
+    wanted += [(f"probe of {name}", d.out / "probe" / name / "probe.png") for name in d.extra.get("probed", [])]
+    return [(t, Path(os.path.relpath(p, d.out)).as_posix()) for t, p in wanted if p.is_file()]
 
 
 def write_diagnosis(d) -> None:

@@ -96,7 +96,10 @@ class ProbeOptions:
 
 
 def _ids(tok, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False).input_ids) if text.strip() else []
+    """Content ids as the sampler reads `text`: a new word loaded on `tok` (pivotal token) is its own id(s)."""
+    from loralab.models.embeddings import text_ids
+
+    return text_ids(tok, text) if text.strip() else []
 
 
 def split_context(context: str) -> tuple[str, str]:
@@ -126,7 +129,10 @@ def stand_in_ids(tok, tag_ids: Sequence[int], n: int, seed: int = STAND_IN_SEED)
     vocab = tok.convert_ids_to_tokens(list(range(RARE_FROM, len(tok) - 2)))
     ends = [RARE_FROM + i for i, t in enumerate(vocab) if t.endswith("</w>") and t[:-4].isalpha()]
     inner = [RARE_FROM + i for i, t in enumerate(vocab) if not t.endswith("</w>") and t.isalpha()]
-    pieces = tok.convert_ids_to_tokens(list(tag_ids))
+    from loralab.models.embeddings import id_names
+
+    pieces = [p if p.endswith("</w>") or not is_new else p + "</w>"  # a new word's last id ends the word
+              for p, is_new in zip(id_names(tok, tag_ids), _new_flags(tok, tag_ids))]
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -139,6 +145,18 @@ def stand_in_ids(tok, tag_ids: Sequence[int], n: int, seed: int = STAND_IN_SEED)
             word.append(pick)
         out.append(word)
     return out
+
+
+def _new_flags(tok, ids: Sequence[int]) -> list[bool]:
+    from loralab.models.embeddings import is_new_id
+
+    return [is_new_id(tok, i) for i in ids]
+
+
+def _names(tok, ids: Sequence[int]) -> list[str]:
+    from loralab.models.embeddings import id_names
+
+    return id_names(tok, ids)
 
 
 def tag_ids(tok, tag: str) -> list[int]:
@@ -215,7 +233,7 @@ def probe(opts: ProbeOptions, judge: Judge | None = None, progress: Callable[[st
     found = verdict(distinct, text_distinct)
     result = {"model": str(opts.model), "tag": opts.tag, "class_word": opts.class_word, "contexts": opts.contexts,
               "seeds": opts.seeds, "size": [width, height], "prompts": labels,
-              "tokens": tok.convert_ids_to_tokens(rows[tag_label]),
+              "tokens": _names(tok, rows[tag_label]),
               "change_without": round(lora_change(images[tag_label], images["without the tag"]), 4),
               "change_class": (round(lora_change(images[tag_label], images[labels[2]]), 4)
                                if opts.class_word else None),

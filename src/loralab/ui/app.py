@@ -2,9 +2,12 @@
 
 Pages: `/` the jobs (queue, status, the demo button), `/config` the training form (check, save and load
 TOML, import a kohya config, queue), `/jobs/<id>` a job (progress, loss and learning-rate charts, samples
-per epoch, its output, cancel / resume / rerun with edits / review), `/jobs/<id>/results` a run's review.
+per epoch, its output, cancel / resume / rerun with edits / review), `/jobs/<id>/results` a run's review and
+its `loralab doctor` findings (the Doctor button queues it), `/config` → dataset: the CLI's dataset reports and
+the problems of `dataset check` with thumbnails of their images.
 Every page is built from what is on disk (the SQLite queue, the run folders), so a reload or a restart of
-the app loses nothing. Files are served only from the working folder and the jobs' output folders.
+the app loses nothing. Files are served only from the working folder, the jobs' output folders and the
+dataset folders checked on the dataset page (since the app started; `/datasets/<n>/<path>`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from starlette.templating import Jinja2Templates
 from loralab.errors import LoralabError
 from loralab.io import atomic_write_bytes
 from loralab.ui import forms
-from loralab.ui.dataset import dataset_reports
+from loralab.ui.dataset import JSON_TITLE, dataset_reports, shown_problems
 from loralab.ui.jobs import JobStore, Worker, resume_state
-from loralab.ui.progress import job_progress, log_tail, review_facts
+from loralab.ui.progress import doctor_facts, job_progress, log_tail, review_facts
 
 HERE = Path(__file__).parent
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -76,6 +79,13 @@ def create_app(workdir: str | Path, *, worker: bool = True) -> Starlette:
     templates.env.filters["clock"] = clock
     templates.env.filters["took"] = took
     runner = Worker(store)
+    dataset_roots: list[Path] = []  # the folders the dataset page checked: their images are served
+
+    def dataset_root(folder: str) -> int:
+        root = Path(folder).resolve()
+        if root not in dataset_roots:
+            dataset_roots.append(root)
+        return dataset_roots.index(root)
 
     def page(request: Request, name: str, **context) -> Response:
         return templates.TemplateResponse(request, name, {"workdir": store.workdir, **context})
@@ -92,6 +102,8 @@ def create_app(workdir: str | Path, *, worker: bool = True) -> Starlette:
         for j in jobs:
             if j.status == "done" and j.kind == "demo":
                 results[j.id] = f"/jobs/{j.id}/results"
+            elif j.status == "done" and j.kind == "doctor" and j.parent:
+                results[j.id] = f"/jobs/{j.parent}/results"
             elif j.status == "done" and (Path(j.output_dir) / "review" / "review.json").is_file():
                 results[j.id] = f"/jobs/{j.parent if j.kind == 'review' and j.parent else j.id}/results"
         return page(request, "jobs.html", jobs=jobs[::-1], results=results,
@@ -128,7 +140,12 @@ def create_app(workdir: str | Path, *, worker: bool = True) -> Starlette:
                                                   "<repeats>_<name>/ image folders"]
                 return config_page(request, state, load_path=load_path)
             reports = await asyncio.to_thread(dataset_reports, values)
-            return page(request, "dataset.html", folder=folder, reports=reports)
+            for f in (folder, values.get("reg_data_dir", "")):
+                if f and Path(f).is_dir():
+                    dataset_root(f)
+            shown = [r for r in reports if r.title != JSON_TITLE]
+            problems = shown_problems(next((r for r in reports if r.title == JSON_TITLE), None), dataset_roots)
+            return page(request, "dataset.html", folder=folder, reports=shown, problems=problems)
         state = forms.check(forms.from_form(form))
         saved = ""
         if state.cfg is not None and action == "save":
@@ -187,6 +204,15 @@ def create_app(workdir: str | Path, *, worker: bool = True) -> Starlette:
         new = store.add("review", job.name, args, job.output_dir, parent=job.id)
         return RedirectResponse(f"/jobs/{new.id}", status_code=303)
 
+    async def job_doctor(request: Request) -> Response:
+        job = get_job(request)
+        if job.kind != "train" or job.status != "done":
+            raise HTTPException(404, "only a finished training run has a doctor")
+        form = await request.form()
+        args = ["doctor", job.output_dir, "--name", job.name] + (["--no-images"] if form.get("no_images") else [])
+        new = store.add("doctor", job.name, args, job.output_dir, parent=job.id)
+        return RedirectResponse(f"/jobs/{new.id}", status_code=303)
+
     async def job_generate(request: Request) -> Response:
         job = get_job(request)
         files = {p.name: p for p in epoch_files(job)}
@@ -207,6 +233,8 @@ def create_app(workdir: str | Path, *, worker: bool = True) -> Starlette:
 
     async def job_results(request: Request) -> Response:
         job = get_job(request)
+        if job.kind == "doctor" and job.parent:  # a doctor job's findings are on its run's page
+            return RedirectResponse(f"/jobs/{job.parent}/results", status_code=303)
         out = Path(job.output_dir)
         if job.kind == "demo":
             report = out / "report.md"
@@ -219,7 +247,9 @@ def create_app(workdir: str | Path, *, worker: bool = True) -> Starlette:
         chosen = f"{job.name}-{best:06d}.safetensors" if isinstance(best, int) else ""
         if best and chosen not in loras and loras:
             chosen = loras[-1]  # the last epoch is the final file (kohya writes no numbered one for it)
-        return page(request, "results.html", job=job, facts=facts, loras=loras, chosen=chosen)
+        doctors = [j for j in store.all() if j.kind == "doctor" and j.parent == job.id]
+        return page(request, "results.html", job=job, facts=facts, loras=loras, chosen=chosen,
+                    doctor=doctor_facts(out) if job.kind == "train" else None, doctor_job=doctors[-1] if doctors else None)
 
     async def job_file(request: Request) -> Response:
         job = get_job(request)
@@ -230,6 +260,13 @@ def create_app(workdir: str | Path, *, worker: bool = True) -> Starlette:
 
     async def work_file(request: Request) -> Response:
         path = safe_file(store.workdir, request.path_params["path"])
+        if path is None:
+            raise HTTPException(404, "not found")
+        return FileResponse(path)
+
+    async def dataset_file(request: Request) -> Response:
+        n = request.path_params["root"]
+        path = safe_file(dataset_roots[n], request.path_params["path"]) if n < len(dataset_roots) else None
         if path is None:
             raise HTTPException(404, "not found")
         return FileResponse(path)
@@ -265,6 +302,8 @@ def create_app(workdir: str | Path, *, worker: bool = True) -> Starlette:
         Route("/jobs/{job_id:int}/generate", job_generate, methods=["POST"]),
         Route("/jobs/{job_id:int}/files/{path:path}", job_file),
         Route("/files/{path:path}", work_file),
+        Route("/datasets/{root:int}/{path:path}", dataset_file),
+        Route("/jobs/{job_id:int}/doctor", job_doctor, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})

@@ -73,6 +73,16 @@ def samples(out_dir: Path, name: str) -> list[dict[str, Any]]:
     return [{"label": f"{kind} {n}", "files": files} for (kind, n), files in sorted(groups.items(), key=lambda kv: kv[0][1])]
 
 
+def doctor_facts(out_dir: Path) -> dict[str, Any] | None:
+    """The findings of `loralab doctor` on a run (`doctor/doctor.json`, ranked, most important first), if any."""
+    path = out_dir / "doctor" / "doctor.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def review_facts(out_dir: Path) -> dict[str, Any] | None:
     """The review of a run (`loralab review` writes `review/review.json`, `review.md` and PNGs), if any."""
     folder = out_dir / "review"

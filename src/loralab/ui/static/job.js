@@ -33,7 +33,7 @@
     document.getElementById("resume-form").hidden = !info.resume_state;
     const review = document.getElementById("review-form");
     if (review) review.hidden = info.status !== "done" || info.review;
-    document.getElementById("results-link").hidden = !(info.review || (kind === "demo" && info.status === "done"));
+    document.getElementById("results-link").hidden = !(info.review || (["demo", "doctor", "train"].includes(kind) && info.status === "done"));
     const log = document.getElementById("log");
     const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 5;
     log.textContent = info.log;
