@@ -51,3 +51,11 @@ def tiny_sd1_model(_tiny_sd1_model_shared) -> BaseModel:
     """The tiny SD 1.x checkpoint loaded (fp32). Each test gets its own deep copy, so it may modify it
     (inject LoRA, move devices) freely."""
     return copy.deepcopy(_tiny_sd1_model_shared)
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (lab runs are reproducible and lighter on 2 cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

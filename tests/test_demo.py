@@ -8,20 +8,12 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 import torch
 from PIL import Image
 
 from loralab.lab import demo as D
 from loralab.lab import world as W
 
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _score(epoch: int, concept: float, retention: float) -> D.EpochScore:

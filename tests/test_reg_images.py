@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from loralab.cli import main
@@ -20,13 +19,6 @@ from loralab.review import reg_images as R
 LAB = str(lab_model_path())
 PROMPTS = ("red circle, blue background, small", "green square, black background, large")
 
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _pixels(path) -> np.ndarray:

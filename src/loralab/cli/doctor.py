@@ -11,20 +11,19 @@ def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
 
     from loralab.cli.judging import _is_lab_model, _lab_shape_reader
     from loralab.review.doctor import DoctorOptions, doctor
-    from loralab.review.runlog import LOG_NAME, read_log
+    from loralab.errors import LoralabError
+    from loralab.review.runlog import read_run
 
     opts = DoctorOptions(folder=args.folder, model=args.model, config=args.config, dataset=args.dataset,
                          name=args.name, out=args.out, images=not args.no_images, device=args.device, seeds=args.seeds)
     model = args.model
-    if not model and (Path(args.folder) / LOG_NAME).is_file():
-        try:
-            starts = [r for r in read_log(Path(args.folder)) if r.get("event") in ("start", "resumed")]
-            model = str((starts[-1].get("config") or {}).get("pretrained_model_name_or_path", "")) if starts else ""
-        except Exception:  # the doctor says what it could not read; here only the lab judge is at stake
+    if not model:
+        try:  # the doctor says what it could not read; here only the lab judge is at stake
+            model = str(read_run(Path(args.folder), args.name).config.get("pretrained_model_name_or_path") or "")
+        except LoralabError:
             model = ""
     judge = reader = None
     if opts.images and _is_lab_model(model):
-        from loralab.errors import LoralabError
         from loralab.lab.judge import lab_judge
 
         reader = _lab_shape_reader(model, args.device)

@@ -202,17 +202,13 @@ def balance_findings(tokens, ds) -> list[Finding]:
     from loralab.review.bleed import BALANCED_RATIO
 
     out = []
-    folders = {s.name: s for s in ds.train_subsets} if ds is not None else {}
+    folders = {s.name: s for s in ds.train_subsets}  # the groups name concepts by their folder
     for g in tokens.groups:
         if g.current_ratio < BALANCED_RATIO or g.suggested_ratio >= g.current_ratio:
             continue
         now = ", ".join(f"{c} {n} images × {r}" for c, n, r in zip(g.concepts, g.images, g.current_repeats))
-        renames = []
-        for c, r, s in zip(g.concepts, g.current_repeats, g.suggested_repeats):
-            if r != s:
-                sub = folders.get(c)
-                rest = sub.class_tokens if sub is not None else c.split("_", 1)[-1]
-                renames.append(f"{c}/ -> {s}_{rest}/")
+        renames = [f"{c}/ -> {s}_{folders[c].class_tokens}/"
+                   for c, r, s in zip(g.concepts, g.current_repeats, g.suggested_repeats) if r != s]
         values = [n * r for n, r in zip(g.images, g.current_repeats)]
         top = g.concepts[values.index(max(values))]
         others = [c for c in g.concepts if c != top]
@@ -247,10 +243,7 @@ def loss_only_pick(run) -> tuple[int, list[str], bool, list[str]]:
 
     signals = {0: EpochSignals(0), **{e.epoch: EpochSignals(e.epoch) for e in run.epochs}}
     _add_losses(run, signals)
-    best, reasons = loss_pick(signals)
-    if best not in {e.epoch for e in run.epochs}:
-        best = max(e.epoch for e in run.epochs if e.epoch <= best) if any(e.epoch <= best for e in run.epochs) \
-            else min(e.epoch for e in run.epochs)
+    best, reasons = loss_pick(signals)  # one of the signals' epochs: the run's epoch files
     alarm, evidence = overfit_alarm(signals, best)
     return best, reasons, alarm, evidence
 
@@ -294,7 +287,7 @@ def doctor(opts: DoctorOptions, judge=None, shape_reader: Callable | None = None
         findings += log_findings(run)
         checked.append(f"the training log ({len(run.steps())} steps, {len(run.epochs)} epoch files)")
     cfg = _settings(values, findings, unchecked, checked)
-    ds = _dataset(opts, values, cfg, findings, unchecked, checked, progress)
+    ds, tokens = _dataset(opts, values, cfg, findings, unchecked, checked, progress)
     model = opts.model or str(values.get("pretrained_model_name_or_path") or "")
     can_draw = opts.images and model and Path(model).exists()
     if opts.images and not can_draw:
@@ -310,8 +303,8 @@ def doctor(opts: DoctorOptions, judge=None, shape_reader: Callable | None = None
 
         findings += probe_findings(model, ds, values, opts, out, checked, progress, diag.extra)
         if run is not None and run.epochs and diag.epoch_file:
-            findings += bleed_findings(model, Path(diag.epoch_file), ds, values, opts, out, checked, shape_reader,
-                                       progress, diag.extra)
+            findings += bleed_findings(model, Path(diag.epoch_file), ds, tokens, values, opts, out, checked,
+                                       shape_reader, progress, diag.extra)
     findings.sort(key=lambda f: (f.rank, -f.size))
     serious = [f for f in findings if f.rank <= 4]
     epoch_text = f"epoch {diag.epoch} ({Path(diag.epoch_file).name})" if diag.epoch else "no epoch file to recommend"
@@ -360,7 +353,7 @@ def _dataset(opts: DoctorOptions, values: dict, cfg, findings: list[Finding], un
     if not train_dir or not Path(train_dir).is_dir():
         unchecked.append(f"the dataset: {'no train_data_dir in the config' if not train_dir else train_dir + ' not found'}"
                          " (give --dataset DIR)")
-        return None
+        return None, None
     progress("dataset check")
     reg = str(values.get("reg_data_dir") or "") if not opts.dataset else ""
     ext = str(values.get("caption_extension") or ".txt")
@@ -369,9 +362,10 @@ def _dataset(opts: DoctorOptions, values: dict, cfg, findings: list[Finding], un
                 else BucketSettings())
     report = check_scanned(ds, settings, progress=False)
     findings += dataset_findings(report, ds)
-    findings += balance_findings(dataset_tokens(None, dataset=ds), ds)
+    tokens = dataset_tokens(None, dataset=ds)
+    findings += balance_findings(tokens, ds)
     checked.append(f"the dataset {train_dir} ({len(ds.images)} images; dataset check and shared tokens)")
-    return ds
+    return ds, tokens
 
 
 def _epochs(diag: Diagnosis, run, opts: DoctorOptions, model: str, judge, progress) -> None:

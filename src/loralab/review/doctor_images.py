@@ -55,15 +55,14 @@ def probe_findings(model: str, ds, values: dict, opts, out: Path, checked: list[
     return found
 
 
-def bleed_findings(model: str, lora: Path, ds, values: dict, opts, out: Path, checked: list[str],
+def bleed_findings(model: str, lora: Path, ds, tokens, values: dict, opts, out: Path, checked: list[str],
                    shape_reader: Callable | None, progress: Callable[[str], None], extra: dict[str, Any]) -> list:
     """Rank 2: bleeding between concepts whose activation tags share a token piece (`bleed` on the
-    recommended epoch); nothing to measure when no two tags share a piece."""
-    from loralab.analyze.tokens import dataset_tokens
+    recommended epoch; `tokens`: the dataset's `analyze.tokens.DatasetTokens`); nothing to measure when no two tags
+    share a piece."""
     from loralab.review.bleed import JUDGED_BAR, BleedOptions, bleed
     from loralab.review.doctor import Finding
 
-    tokens = dataset_tokens(None, dataset=ds)
     if not tokens.groups:
         checked.append("bleeding: not measured (no two activation tags share a token piece)")
         return []
