@@ -161,10 +161,22 @@ def test_kohya_keys_without_effect_aliases_and_off_values_load(tmp_path, paths, 
     assert c.caption_extension == ".caption" and c.optimizer_type == "AdamW8bit"
     assert f"max_data_loader_n_workers ({cfg}): no effect in loralab: images load in the main process" in caplog.text
     for key, value, words in [("masked_loss", "true", "masked_loss: there are no masks to apply"),
-                              ("dynamo_backend", "inductor", "torch.compile is not supported yet"),
+                              ("blocks_to_swap", "2", "block swapping\\) is not supported"),
                               ("huggingface_repo_id", "me/lora", "does not upload")]:
         with pytest.raises(LoralabError, match=words):
             build_config(cfg, {key: value})
+
+
+def test_torch_compile_keys_are_kohyas_and_bad_values_are_refused(paths):
+    model, data = paths
+    base = {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data)}
+    c = build_config(None, {**base, "torch_compile": "true", "dynamo_backend": "aot_eager"})
+    assert c.torch_compile and c.dynamo_backend == "aot_eager" and c.log_every_n_steps == 10
+    assert build_config(None, {**base, "dynamo_backend": "NO"}).dynamo_backend == "NO"
+    with pytest.raises(LoralabError, match="dynamo_backend: 'tvm' is not a torch.compile backend loralab runs"):
+        build_config(None, {**base, "torch_compile": "true", "dynamo_backend": "tvm"})
+    with pytest.raises(LoralabError, match="log_every_n_steps: must be at least 1, got 0"):
+        build_config(None, {**base, "log_every_n_steps": "0"})
 
 
 def test_dry_run_prints_keys_with_sources_dataset_and_family_and_loads_nothing(tmp_path, tiny_sd1_checkpoint):

@@ -107,6 +107,29 @@ def test_short_lora_learns_the_new_shape(tmp_path, one_thread):
     assert before <= 0.1
     assert after >= 0.6 and after >= before + 0.5, (before, after)
 
+    # the demo's scoring (LoRA merged into the weights, tag and base prompts in one batch per image size)
+    # draws what the hooked network draws list by list, up to float rounding, and the evaluator reads the same
+    from loralab.network.lora import LoRANetwork
+
+    base = D.base_prompts(52)[::9]
+    weights = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    tag_imgs, base_imgs = D.evaluate_lora(model, result.final_file, items, base, ev)
+    assert all(torch.equal(v, weights[k]) for k, v in model.unet.state_dict().items())  # weights restored exactly
+    net = LoRANetwork.from_weights(str(result.final_file), model.unet, [model.te], "sd1")
+    net.eval()
+    net.apply_to()
+    try:
+        ref_tag = model.generate(items, [it.caption(tag=D.TAG) for it in items], steps=15, cfg=7.5, seed=0)
+        ref_base = model.generate(base, [it.caption() for it in base], steps=15, cfg=7.5, seed=0)
+    finally:
+        net.restore()
+    for new, ref in ((tag_imgs, ref_tag), (base_imgs, ref_base)):
+        diff = torch.stack([(a - b).abs().max() for a, b in zip(new, ref)])
+        assert float(diff.max()) <= 8 and float(diff.float().mean()) <= 2, diff
+        read = lambda imgs: [{k: p[k] for k in ("shape", "colour", "background", "size")}  # noqa: E731
+                             for p in evaluator.predict(imgs)]
+        assert read(new) == read(ref)
+
 
 def test_quick_demo_writes_grids_loss_and_report(tmp_path):
     out = tmp_path / "demo"

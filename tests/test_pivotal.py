@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,78 @@ def test_a_pivotal_lora_continues_with_its_trained_vectors(lab_run, tmp_path):
 
 def draw(sm: SamplingModel) -> np.ndarray:
     return np.asarray(sm.draw([PROMPT])[0])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_resumed_pivotal_run_ends_with_the_straight_runs_files_and_overwrite_clears_emb_folders(tmp_path):
+    """6 steps, embeddings frozen after 4, a state every 3 steps: a run that dies after step 3 (mid-epoch)
+    and resumes from its state ends with the straight run's LoRA file and embedding file, bit for bit. Then
+    `overwrite` removes the earlier run's `_emb` folders with its LoRA files."""
+    W.write_kohya_dataset(tmp_path / "data", tag=TOKEN, n=4, repeats=1, sizes=[(32, 32)])
+    runs = []
+
+    class Keep(Callback):
+        def on_train_start(self, run):
+            runs.append(run)
+
+    class CrashAfterStep3(Callback):  # after the step's saves (the recipe's callbacks run first)
+        def on_step_end(self, run):
+            if run.global_step == 3:
+                raise Interrupt
+
+    def go(out, extra=(), **kw):
+        keys = dict(max_train_steps=6, save_every_n_steps=3, save_state=True, stop_embedding_training=4,
+                    optimizer_type="AdamW", lr_scheduler="cosine")
+        cfg = build_config(None, lab_keys(tmp_path / "data", out, **{**keys, **kw}))
+        recipe = recipe_for(cfg)
+        try:
+            return fit(recipe.prepare(cfg), recipe, [Keep(), *extra])
+        finally:
+            if runs:
+                clear_new_tokens(runs[-1].model.tokenizers, runs[-1].model.text_encoders)
+
+    straight = go(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        go(tmp_path / "b", [CrashAfterStep3()])
+    state = tmp_path / "b" / "piv-step00000003-state"
+    saved = load_file(str(state / "embeddings.safetensors"))
+    at_3 = load_file(str(tmp_path / "b" / "piv-step00000003.safetensors"))
+    assert list(saved) == [f"{TOKEN}.0"] and saved[f"{TOKEN}.0"].dtype == torch.float32
+    assert torch.equal(saved[f"{TOKEN}.0"], at_3[f"bundle_emb.{TOKEN}.string_to_param.*"])  # save_precision float
+    resumed = go(tmp_path / "b", resume=str(state))
+    assert resumed.global_step == straight.global_step == 6
+    for a, b in ((straight.final_file, resumed.final_file),
+                 *((tmp_path / x / "piv_emb" / f"{TOKEN}.safetensors" for x in "ab"),)):
+        sa, sb = load_file(str(a)), load_file(str(b))
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (a.name, k)
+    with safe_open(str(resumed.final_file), "pt") as f:
+        assert json.loads(f.metadata()["loralab_pivotal"])["embedding_steps"] == 4
+    assert (tmp_path / "b" / "piv-state" / "embeddings.safetensors").is_file()  # the final state has them too
+
+    # a state without the vectors (saved before pivotal runs kept them) is refused before anything loads
+    old = tmp_path / "old-state"
+    shutil.copytree(state, old)
+    (old / "embeddings.safetensors").unlink()
+    with pytest.raises(LoralabError, match="has no embeddings.safetensors"):
+        PivotalRecipe().prepare(build_config(None, lab_keys(tmp_path / "data", tmp_path / "b", resume=str(old))))
+
+    # overwrite: the earlier run's _emb folders go with its LoRA files (a token it had and this run has not)
+    (tmp_path / "a" / "piv_emb" / "oldtok.safetensors").write_bytes(b"")
+    go(tmp_path / "a", max_train_steps=1, save_every_n_steps=0, save_state=False, overwrite=True)
+    left = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("piv"))
+    assert left == ["piv.safetensors", "piv_emb"], left
+    assert [p.name for p in (tmp_path / "a" / "piv_emb").iterdir()] == [f"{TOKEN}.safetensors"]
+
+    # save_last_n_steps = 1 (kohya counts steps: after step 3's save, step 1's goes) takes the _emb folder too
+    go(tmp_path / "c", max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=False)
+    left = sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("piv"))
+    assert left == ["piv-step00000002.safetensors", "piv-step00000002_emb", "piv-step00000003.safetensors",
+                    "piv-step00000003_emb", "piv.safetensors", "piv_emb"], left
 
 
 def test_bundle_separate_file_and_in_memory_model_draw_the_same_image(lab_run, tmp_path):
@@ -359,9 +432,33 @@ def test_probe_bleed_and_maps_read_a_loaded_token_as_its_ids_and_split_it_withou
     assert any(p.kind == "piece" and len(p.tags) == 2 for p in bleed_probes(tok, [TOKEN, "vexbar"]))
 
 
+def test_probe_reads_a_pivotal_token_from_the_lora_or_its_embedding_file(lab_run, tmp_path, capsys):
+    final = lab_run["result"].final_file
+    lora_only = tmp_path / "lora_only.safetensors"
+    save_file(split_bundle(load_file(str(final)))[0], str(lora_only))
+    emb = lab_run["root"] / "out" / "piv_emb" / f"{TOKEN}.safetensors"
+    common = ["--model", str(lab_model_path()), "--class", "shape", "--context", "red {}, blue background, small",
+              "--seeds", "1", "--stand-ins", "2", "--steps", "2", "--no-lab-scores", "--device", "cpu"]
+    found = {}
+    for name, extra in (("base", []), ("bundled", ["--lora", f"{final}:0.8"]),
+                        ("separate", ["--lora", str(lora_only), "--embedding", str(emb)])):
+        assert main(["probe", TOKEN, *common, *extra, "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        found[name] = json.loads((tmp_path / name / "probe.json").read_text())
+        assert new_tokens(clip_tokenizer()) == {}  # the command took its tokens off
+    assert found["base"]["tokens"] == ["vex", "def</w>"] and found["base"]["new_tokens"] == []
+    for name in ("bundled", "separate"):
+        assert found[name]["tokens"] == [f"{TOKEN}#0", f"{TOKEN}#1"], found[name]  # its own two vectors
+        assert found[name]["new_tokens"] == [TOKEN]
+    assert found["bundled"]["loras"] == [[str(final), 0.8]] and found["separate"]["embeddings"] == [str(emb)]
+    # the stand-ins are as long as the token: two pieces with the embedding, two without (vex + def</w>)
+    assert len(found["bundled"]["prompts"]) == len(found["base"]["prompts"]) == 3 + 2
+    assert found["bundled"]["text_distinctness"] != found["base"]["text_distinctness"]
+
+
 def test_attention_and_bleed_refuse_a_missing_embedding_file_in_one_line(tmp_path, capsys):
     missing = tmp_path / "vexone.safetensors"
     for argv in (["attention", "--model", str(lab_model_path()), "--embedding", str(missing), "vexone, red"],
+                 ["probe", "--model", str(lab_model_path()), "--embedding", str(missing), "vexone"],
                  ["bleed", "--model", str(lab_model_path()), "--lora", str(lab_model_path()), "--tags", "vexone",
                   "--embedding", str(missing)]):
         assert main(argv) == 2

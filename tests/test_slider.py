@@ -226,3 +226,104 @@ def test_dry_run_of_a_slider_config_lists_its_prompts_not_a_dataset(tmp_path, ca
     assert f"{prompts}: {n} prompt entries (slider / LECO: no images; train_data_dir is not read)" in out
     assert "enhance target" in out and f"{n} batches per epoch" in out and f"3 epochs, {3 * n} steps" in out
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ method = "uce"
+def test_uce_delta_is_the_least_squares_edit():
+    from loralab.recipes.slider import uce_delta
+
+    g = torch.Generator().manual_seed(0)
+    w, src, tgt, keep = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 4), (3, 4), (3, 4), (6, 4)))
+    lam, ridge = 0.7, 0.01
+    delta = uce_delta(w, src, tgt, keep, lam, ridge).requires_grad_(True)
+    loss = (((w + delta) @ src.T - w @ tgt.T) ** 2).sum() + lam * ((delta @ keep.T) ** 2).sum() + ridge * (delta ** 2).sum()
+    loss.backward()
+    assert delta.grad.abs().max() < 1e-9  # the minimiser of the docstring's objective
+    exact = uce_delta(w, src, tgt, torch.zeros(0, 4, dtype=torch.float64), 1.0, 1e-12)
+    assert torch.allclose((w + exact) @ src.T, w @ tgt.T, atol=1e-6)  # nothing kept: the edit is exact
+
+
+def test_uce_maps_each_concept_position_to_the_neutral_one():
+    from loralab.models.tokenizer import clip_tokenizer
+    from loralab.recipes.slider import concept_positions
+
+    tok = clip_tokenizer()
+    a, b = tok("red heart, green background").input_ids, tok("heart, green background").input_ids
+    # BOS red heart , green background EOS pad...: red -> BOS, the words after it one place back
+    assert concept_positions(a, b, 9) == [0, 0, 1, 2, 3, 4, 5, 6, 7]
+    a2 = tok("big dark red heart").input_ids  # two words inside, after one kept
+    assert concept_positions(a2, tok("big heart").input_ids, 7) == [0, 1, 0, 0, 2, 3, 4]
+    with pytest.raises(LoralabError, match="without the concept's words"):
+        concept_positions(tok("red heart").input_ids, tok("blue heart").input_ids, 5)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('method = "closed"\n[[prompts]]\ntarget = "red heart"\nneutral = "heart"\n', "method 'closed' is not accepted"),
+    ('method = "uce"\n[[prompts]]\ntarget = "x"\naction = "enhance"\n', "erase entries and anchors"),
+    ('method = "uce"\n[[prompts]]\ntarget = "x"\naction = "enhance"\nguidance_scale = 0\n', "at least one erase"),
+    ('method = "uce"\n[[prompts]]\ntarget = "red heart"\nneutral = "blue heart"\n', "neutral must be the target"),
+    ('method = "uce"\npreserve_weight = 0\n[[prompts]]\ntarget = "red heart"\nneutral = "heart"\n', "above 0"),
+])
+def test_uce_prompt_file_problems_before_loading(tmp_path, text, message):
+    model = write(tmp_path / "not-a-model.safetensors", "")  # never loaded: the file is checked first
+    with pytest.raises(LoralabError, match=message):
+        SliderRecipe().prepare(build_config(None, {"pretrained_model_name_or_path": str(model),
+                                                   "prompts_file": str(write(tmp_path / "p.toml", text)),
+                                                   "output_dir": str(tmp_path)}))
+
+
+def test_uce_erase_on_the_lab_model_erases_red_and_keeps_the_anchors(tmp_path):
+    """`method = "uce"` through `loralab train`'s path: no training step, a standard LoRA whose only non-zero
+    modules are the cross-attention k/v; at weight 1 red prompts it never saw are no longer drawn red (lab
+    evaluator), other colours' prompts are."""
+    from safetensors.torch import load_file
+
+    from loralab.lab import world as W
+    from loralab.lab.evaluator import Evaluator
+    from loralab.lab.model import LabModel, evaluator_path
+    from loralab.network.lora import LoRANetwork
+    from loralab.recipes import train_any
+
+    pairs = [(s, b) for s in W.TRAIN_SHAPES for b in W.BACKGROUNDS]
+    erase, scored = pairs[::3], [p for i, p in enumerate(pairs) if i % 3 == 1][:8]
+    keep = [t for t in W.training_triples() if t[1] != "red"]
+    text = 'method = "uce"\npreserve_weight = 1.0\n' + "".join(
+        f'[[prompts]]\ntarget = "red {s}, {b} background"\nneutral = "{s}, {b} background"\nguidance_scale = 2.0\n'
+        for s, b in erase) + "".join(
+        f'[[prompts]]\ntarget = "{c} {s}, {b} background"\nneutral = "{c} {s}, {b} background"\naction = "enhance"\n'
+        f'guidance_scale = 0\n' for s, c, b in keep)
+    cfg = build_config(None, {"pretrained_model_name_or_path": str(lab_model_path()), "output_dir": str(tmp_path),
+                              "prompts_file": str(write(tmp_path / "p.toml", text)), "output_name": "uce",
+                              "resolution": "32", "network_dim": 8, "network_alpha": 4, "max_train_steps": 100,
+                              "save_precision": "float", "seed": 0})
+    result = train_any(cfg)
+    assert result.global_step == 0 and result.final_file == tmp_path / "uce.safetensors"
+    sd = load_file(str(result.final_file))
+    nonzero = {k.split(".")[0] for k, v in sd.items() if k.endswith("lora_up.weight") and v.abs().max() > 0}
+    assert nonzero and all(k.endswith(("_attn2_to_k", "_attn2_to_v")) for k in nonzero)
+    with safe_open(str(result.final_file), "pt") as f:
+        assert json.loads(f.metadata()["loralab_slider_method"]) == {"method": "uce", "preserve_weight": 1.0}
+
+    model = LabModel.load("cpu")
+    ev = Evaluator.load(evaluator_path(), device="cpu")
+    others = [t for t in W.HELD_OUT_TRIPLES if t[1] != "red"][:8]
+    items = [W.WorldItem(s, "red", b, "small", 32, 32, seed=j) for j, (s, b) in enumerate(scored)] + \
+        [W.WorldItem(*t, "small", 32, 32, seed=j) for j, t in enumerate(others)]
+    prompts = [f"{it.colour} {it.shape}, {it.background} background" for it in items]
+
+    def colours(lora):
+        net = None
+        if lora:
+            net = LoRANetwork.from_weights(str(lora), model.unet, [model.te], "sd1", multiplier=1.0)
+            net.to(model.device, dtype=torch.float32).eval()
+            net.apply_to()
+        try:
+            return [p["colour"] for p in ev.predict(model.generate(items, prompts, steps=20, cfg=7.5, seed=0))]
+        finally:
+            if net is not None:
+                net.restore()
+
+    base, erased = colours(None), colours(result.final_file)
+    assert sum(c == "red" for c in base[:8]) >= 7
+    assert sum(c == "red" for c in erased[:8]) <= 2, erased[:8]
+    assert sum(c == t[1] for c, t in zip(erased[8:], others)) >= 7, list(zip(erased[8:], others))

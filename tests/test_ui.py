@@ -204,6 +204,7 @@ def test_queue_two_trainings_watch_restart_and_review(browser, lab, tmp_path):
         browser.get(app.url + "/")
         rows = browser.find_element(By.ID, "jobs").text
         assert "first" in rows and "second" in rows
+        assert browser.find_element(By.ID, "job-row-1").find_element(By.CLASS_NAME, "device").text == "cpu"
         assert browser.find_element(By.ID, "job-row-2").find_element(By.CLASS_NAME, "status").text in ("queued", "running",
                                                                                                         "done")
         one = app.wait_job(1, lambda i: i["status"] == "done", 300)
@@ -277,7 +278,7 @@ def test_bad_input_shows_the_cli_message_next_to_the_field(browser, lab, tmp_pat
         assert shown["network_dim"] == "network_dim: must be at least 1, got 0"
         assert shown["train_data_dir"] == f"train_data_dir: {tmp_path / 'nowhere'} does not exist"
         assert shown["caption_dropout_rate"] == "caption_dropout_rate: must be in [0, 1), got 1.5"
-        assert shown["max_train_epochs"].startswith("max_train_epochs (form): bad value 'two'")
+        assert shown["max_train_epochs"].startswith("max_train_epochs: bad value 'two'")  # no "(form)" next to it
         assert not browser.find_elements(By.ID, "check-ok")
         cli = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--dry-run"]
                              + [a for k, v in bad.items() if k != "max_train_epochs" for a in (f"--{k}", v)],
@@ -285,6 +286,9 @@ def test_bad_input_shows_the_cli_message_next_to_the_field(browser, lab, tmp_pat
         assert cli.returncode == 2
         for key in ("train_data_dir", "network_dim", "caption_dropout_rate"):
             assert shown[key] in cli.stderr, (shown[key], cli.stderr)
+        cli = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--dry-run", "--max_train_epochs", "two"],
+                             capture_output=True, text=True, env=ENV, timeout=120)  # the CLI says where it came from
+        assert shown["max_train_epochs"].replace(":", " (command line):", 1) in cli.stderr, cli.stderr
         assert browser.find_element(By.ID, "f-network_dim").get_attribute("value") == "0"  # what was typed stays
 
         config = tmp_path / "kohya.toml"  # an imported file with an unknown key
@@ -345,6 +349,15 @@ def test_bad_input_shows_the_cli_message_next_to_the_field(browser, lab, tmp_pat
                      "/datasets/1/2_alpha/../../secret.txt", f"/datasets/1/{tmp_path / 'secret.txt'}"):
             status, body = app.get(path)
             assert status == 404 and b"outside" not in body, path
+
+        app.stop()  # the checked folders are kept in the queue's database: after a restart, the same thumbnails
+        app = App(tmp_path / "work", tmp_path)
+        assert app.get("/datasets/1/2_alpha/gray.png") == (200, (planted / "2_alpha" / "gray.png").read_bytes())
+        assert app.get("/datasets/0/2_alpha/alpha1.png") == (200, (lab["img"] / "2_alpha" / "alpha1.png").read_bytes())
+        for path in ("/datasets/1/../../secret.txt", "/datasets/1/%2e%2e/%2e%2e/secret.txt", "/datasets/2/x.png",
+                     f"/datasets/1/{tmp_path / 'secret.txt'}"):
+            status, body = app.get(path)
+            assert status == 404 and b"outside" not in body, path
     finally:
         app.stop()
 
@@ -383,11 +396,49 @@ def test_a_failing_training_shows_its_error_cancel_keeps_a_state_and_the_app_run
         resumed = app.job(3)
         assert resumed["status"] in ("queued", "running") and resumed["name"] == "long"
         assert f"--resume {state}" in browser.find_element(By.ID, "job").text  # test_interrupt: resume is exact
-        browser.find_element(By.ID, "do-cancel").click()  # a cancel while it starts up ends it too
+        browser.find_element(By.ID, "do-cancel").click()  # a cancel while it waits or starts up ends it
         assert app.wait_job(3, lambda i: i["status"] == "cancelled", 300)["error"].startswith("cancelled")
         assert app.proc.poll() is None and app.get("/")[0] == 200
     finally:
         app.stop()
+
+
+def test_one_job_at_a_time_per_device(tmp_path):
+    """The worker's rule on real queue rows: a job runs on the device its command asks for (a training's config
+    key `device`, another command's --device, else the default), one job at a time per device."""
+    from loralab.ui.jobs import JobStore, Worker, startable
+
+    store = JobStore(tmp_path / "work")
+    asks = [("train", [], '[model]\ndevice = "cuda"\n'), ("review", [], ""), ("generate", ["--device", "cuda:1"], ""),
+            ("doctor", ["--device", "cuda:0"], ""), ("demo", [], ""), ("generate", ["--device", "cpu"], "")]
+    for kind, args, config in asks:
+        store.add(kind, kind, [kind, "--config", "{job_dir}/config.toml"] * (kind == "train") + args, tmp_path,
+                  files={"config.toml": config} if config else None)
+    assert [j.device for j in store.all()] == ["cuda", "", "cuda:1", "cuda:0", "cpu", "cpu"]
+    queued = store.with_status("queued")
+    assert [j.id for j in startable(queued, [], "cpu")] == [1, 2, 3]  # cuda:0, cpu (the default), cuda:1
+    assert [j.id for j in startable(queued, [], "cuda")] == [1, 3, 5]  # the default is cuda:0: job 2 waits for 1
+    store.update(1, status="running", device="cuda:0")
+    assert [j.id for j in startable(store.with_status("queued"), store.with_status("running"), "cpu")] == [2, 3]
+    stale = store.with_status("queued")  # the worker read the queue; then job 6 is cancelled before it starts
+    store.request_cancel(6)
+    assert 6 in [j.id for j in stale] and not store.claim(6)
+    assert (store.get(6).status, store.get(6).error) == ("cancelled", "cancelled before it started")
+
+    work = JobStore(tmp_path / "real")  # real jobs: `doctor --help` on cuda:0 and cuda:1 side by side, then cuda
+    for device in ("cuda:0", "cuda:1", "cuda"):
+        work.add("doctor", device, ["doctor", "--help", "--device", device], tmp_path)
+    Worker(work, default_device="cpu").tick()
+    assert [(j.status, j.device) for j in work.all()] == [("running", "cuda:0"), ("running", "cuda:1"), ("queued", "cuda")]
+    worker = Worker(work, default_device="cpu")  # a restarted app: the rows are all it knows
+    deadline = time.time() + 120
+    while time.time() < deadline and work.get(3).status != "done":
+        worker.tick()
+        time.sleep(0.2)
+    one, two, three = work.all()
+    assert [j.status for j in (one, two, three)] == ["done"] * 3 and three.device == "cuda:0"
+    assert three.started >= one.finished and two.started < one.finished  # after job 1's device was free
+    assert "usage: loralab doctor" in (work.job_dir(3) / "job.log").read_text()
 
 
 def test_listens_on_loopback_only_and_serves_no_file_outside(tmp_path):

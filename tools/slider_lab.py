@@ -12,6 +12,12 @@
     the base model has them; `--anchor-colours` weights orange, red's neighbour, three times). Scored on (shape, background) pairs of the erased colour that no entry
     used, and on held-out triples of the other colours: the share read as the erased colour, and the
     other colours' colour accuracy.
+    Anchors are held to their own prompt's base prediction (`neutral` = the prompt; `--anchor-target empty`:
+    LECO's default neutral "", as the figures before 2026-11-30 were measured). `--uce`: the erase written in
+    closed form (prompt file `method = "uce"`, η = 2 unless `--erase-guidance`), every training triple of
+    the other colours an anchor (`--uce-keep`: preserve_weight).
+
+    OMP_NUM_THREADS=1 python tools/slider_lab.py --out /tmp/leco --only erase --uce --seed 1
 Every run goes through `loralab train`'s own path (`recipes.recipe_for` → the slider recipe).
 """
 
@@ -60,7 +66,7 @@ def size_slider_prompts(n: int, guidance: float, seed: int = 0) -> tuple[str, li
 
 
 def erase_prompts(colour: str, n_erase: int, n_anchor: int, guidance: float, seed: int = 0,
-                  anchor_colours: list[str] | None = None):
+                  anchor_colours: list[str] | None = None, anchor_target: str = "own"):
     """Erase entries of `colour` on n_erase (shape, bg) pairs, anchors of other colours on the same pairs; the
     unused pairs and the anchor triples. `anchor_colours` (repeats weight a colour) is the anchors' colour
     cycle; None: every other colour once."""
@@ -81,7 +87,11 @@ def erase_prompts(colour: str, n_erase: int, n_anchor: int, guidance: float, see
     text = "".join(toml_entry(target=base_caption(s, colour, b), positive=base_caption(s, colour, b),
                               negative=f"{s}, {b} background", neutral=f"{s}, {b} background", action="erase",
                               guidance_scale=guidance) + "\n" for s, b in erase_pairs)
-    text += "".join(toml_entry(target=base_caption(*t), action="enhance", guidance_scale=0.0) + "\n" for t in anchors)
+    # an anchor (η = 0) is pulled to ε(neutral): its own prompt as the frozen base model predicts it ("own"), or
+    # LECO's default neutral, the empty prompt ("empty", the figures before 2026-11-30 06:00)
+    text += "".join(toml_entry(target=base_caption(*t), **({} if anchor_target == "empty" else
+                                                           {"neutral": base_caption(*t)}),
+                               action="enhance", guidance_scale=0.0) + "\n" for t in anchors)
     return text, pairs[n_erase:], anchors
 
 
@@ -93,9 +103,9 @@ def train(out: Path, name: str, prompt_text: str, args) -> tuple[Path, float]:
         "pretrained_model_name_or_path": str(lab_model_path()), "prompts_file": str(pf), "output_dir": str(out),
         "output_name": name, "overwrite": True, "resolution": "32", "network_dim": args.dim,
         "network_alpha": args.dim, "learning_rate": args.lr,
-        "max_train_steps": args.erase_steps if name.startswith("erase") else args.steps,
+        "max_train_steps": args.erase_steps if not name.startswith("size") else args.steps,
         "max_denoising_steps": args.denoise_steps, "leco_denoise_guidance_scale": args.denoise_cfg,
-        "leco_training_method": args.method if name.startswith("erase") else args.slider_method,
+        "leco_training_method": args.method if not name.startswith("size") else args.slider_method,
         "optimizer_type": "AdamW", "save_precision": "fp16", "seed": args.seed, "device": args.device})
     t0 = time.perf_counter()
     result = train_any(cfg)
@@ -170,7 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dim", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=1.0, help="η of the slider entries")
-    ap.add_argument("--erase-guidance", type=float, default=1.0, help="η of the erase entries")
+    ap.add_argument("--erase-guidance", type=float, default=None, help="η of the erase entries (1; --uce: 2)")
     ap.add_argument("--denoise-steps", type=int, default=20, help="max_denoising_steps")
     ap.add_argument("--denoise-cfg", type=float, default=3.0, help="leco_denoise_guidance_scale")
     ap.add_argument("--method", default="xattn_kv", help="leco_training_method of the erase run")
@@ -180,6 +190,11 @@ def main(argv=None) -> int:
     ap.add_argument("--anchor-colours", default=ERASE_ANCHORS,
                     help="comma-separated colour cycle of the erase run's anchors, repeats weight a colour (red's "
                          "neighbour orange thrice); '' : each other colour once")
+    ap.add_argument("--anchor-target", choices=("own", "empty"), default="own",
+                    help="what an anchor is held to: its own prompt's base prediction, or LECO's default neutral ''")
+    ap.add_argument("--uce", action="store_true", help="erase in closed form (method = uce) instead of training; "
+                                                        "every other-colour training triple an anchor")
+    ap.add_argument("--uce-keep", type=float, default=1.0, help="--uce: preserve_weight (λ) of the kept texts")
     ap.add_argument("--colour", default="red")
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -202,14 +217,22 @@ def main(argv=None) -> int:
     if args.only in (None, "erase"):
         n_erase = args.n_prompts // 2
         cycle = args.anchor_colours.split(",") if args.anchor_colours else None
-        text, held_pairs, anchors = erase_prompts(args.colour, n_erase, args.n_anchors, args.erase_guidance, args.seed,
-                                                  cycle)
-        lora, secs = train(out, f"erase_{args.colour}", text, args)
+        eta = args.erase_guidance if args.erase_guidance is not None else 2.0 if args.uce else 1.0
+        text, held_pairs, anchors = erase_prompts(args.colour, n_erase, args.n_anchors, eta, args.seed,
+                                                  cycle, args.anchor_target)
+        if args.uce:  # closed form: anchors cost nothing, so every training triple of the other colours is one
+            more = [t for t in W.training_triples() if t[1] != args.colour and t not in anchors]
+            text = (f'method = "uce"\npreserve_weight = {args.uce_keep}\n\n' + text
+                    + "".join(toml_entry(target=base_caption(*t), neutral=base_caption(*t), action="enhance",
+                                         guidance_scale=0.0) + "\n" for t in more))
+            anchors = anchors + more
+        lora, secs = train(out, f"{'uce' if args.uce else 'erase'}_{args.colour}", text, args)
         others = [t for t in W.HELD_OUT_TRIPLES if t[1] != args.colour][:24]
         t0 = time.perf_counter()
         rows = score_erase(model, ev, lora, args.colour, held_pairs, others, args.eval_steps)
         print(table(f"(b) LECO erase of {args.colour}: {n_erase} erase + {len(anchors)} anchor entries, "
-                    f"{args.erase_steps} steps, trained in {secs:.0f} s; {len(held_pairs)} unused {args.colour} prompts, {len(others)} "
+                    f"{'closed form (method = uce, η = %g)' % eta if args.uce else '%d steps' % args.erase_steps}, "
+                    f"{'written' if args.uce else 'trained'} in {secs:.0f} s; {len(held_pairs)} unused {args.colour} prompts, {len(others)} "
                     f"held-out prompts of other colours, scored in {time.perf_counter() - t0:.0f} s", rows))
         report["erase"] = {"train_seconds": secs, "rows": {str(k): v for k, v in rows.items()}}
     (out / "slider_lab.json").write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -1,18 +1,23 @@
-"""Screenshots of `loralab ui` for the README: a lab-model training queued through the form, watched, reviewed.
+"""Screenshots of `loralab ui` for the README: a lab-model training queued through the form, watched, reviewed,
+diagnosed.
 
     OMP_NUM_THREADS=1 python tools/ui_screenshots.py [--out docs] [--keep DIR]
 
 Starts `loralab ui` on a free port of 127.0.0.1 in a temporary folder, drives Debian's headless chromium
 (Selenium, /usr/bin/chromium + /usr/bin/chromedriver, as tests/test_ui.py) and writes docs/ui_config.png
 (the form after Check, with the diff against the defaults), docs/ui_config_errors.png (bad values with the
-CLI's messages), docs/ui_dataset.png (dataset check, tags, tokens), docs/ui_job.png (loss and learning-rate charts, samples per epoch), docs/ui_jobs.png (the
-queue) and docs/ui_results.png (the review). About 3 minutes on a 2-core CPU.
+CLI's messages), docs/ui_dataset.png (the problems `dataset check` found, with thumbnails of their images; dataset
+check, tags, tokens), docs/ui_job.png (loss and learning-rate charts, samples per epoch), docs/ui_jobs.png (the
+queue) and docs/ui_results.png (the doctor's findings, then the review). The lab dataset has a planted
+grayscale image, and the copy the dataset page checks also two captions without the activation tag.
+About 7 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -80,6 +86,12 @@ def main() -> int:
     cfg = D.train_config(recipe, data, None, root / "runs", "cpu")
     cfg.sample_prompts, cfg.sample_every_n_epochs, cfg.output_name = str(prompts), 1, "olis"
     (root / "olis.toml").write_text(to_toml(cfg))
+    gray = sorted((data / f"2_{D.TAG}").glob("*.png"))[6]  # a planted problem the training keeps
+    Image.open(gray).convert("L").save(gray)
+    checked = root / "data_check"  # and a copy with two captions that lack the tag, for the dataset page
+    shutil.copytree(data, checked)  # (a run trained on it would have no trigger word for review's lab judge)
+    for caption in sorted((checked / f"2_{D.TAG}").glob("*.txt"))[3:5]:
+        caption.write_text(caption.read_text().replace(f"{D.TAG}, ", "", 1))
 
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -115,9 +127,15 @@ def main() -> int:
         time.sleep(0.5)
         driver.save_screenshot(str(out / "ui_config.png"))
         print(f"wrote {out / 'ui_config.png'}")
-        driver.find_element(By.ID, "do-dataset").click()  # the dataset reports of its folder
+        el = driver.find_element(By.ID, "f-train_data_dir")  # the dataset reports of the planted copy
+        el.clear()
+        el.send_keys(str(checked))
+        driver.find_element(By.ID, "do-dataset").click()
         wait_for(lambda: driver.find_elements(By.ID, "report-3"), 120, "the dataset reports")
-        shoot(driver, out / "ui_dataset.png", height=1400)
+        thumbs = driver.find_elements(By.CSS_SELECTOR, "img.thumb")
+        wait_for(lambda: thumbs and all(driver.execute_script("return arguments[0].naturalWidth", t) for t in thumbs),
+                 20, "the thumbnails")
+        shoot(driver, out / "ui_dataset.png", height=1500)
         driver.set_window_size(1280, 900)
         driver.get(url + f"/config?load={root / 'olis.toml'}")
         driver.find_element(By.ID, "do-queue").click()
@@ -140,8 +158,14 @@ def main() -> int:
         driver.get(url + "/")  # job 2 running, the review queued
         shoot(driver, out / "ui_jobs.png", height=600)
         wait_for(lambda: finished(driver, 3), 900, "the review")
+        driver.get(url + "/jobs/1/results")  # the doctor (quick: --no-images), then its findings above the review
+        driver.find_element(By.ID, "doctor-no-images").click()
+        driver.find_element(By.ID, "do-doctor").click()
+        wait_for(lambda: driver.current_url.endswith("/jobs/4"), 20, "the doctor job")
+        wait_for(lambda: finished(driver, 4), 300, "the doctor")
         driver.get(url + "/jobs/1/results")
-        shoot(driver, out / "ui_results.png", height=1500)
+        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#findings > li.finding"), 20, "the findings")
+        shoot(driver, out / "ui_results.png", height=1800)
     finally:
         driver.quit()
         app.send_signal(signal.SIGTERM)

@@ -219,13 +219,15 @@ def _add_bleed_parser(sub) -> None:
 
 
 def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
+    from loralab.review.generate import parse_lora_arg
     from loralab.review.probe import ProbeOptions, probe, summary
 
     size = _resolution(args.size) if args.size else (0, 0)
     opts = ProbeOptions(model=args.model, tag=args.tag, class_word=args.class_word, contexts=list(args.context),
                         seeds=args.seeds, seed=args.seed, stand_ins=args.stand_ins, width=size[0], height=size[1],
                         steps=args.steps, scale=args.cfg, sampler=args.sampler, out=args.out, device=args.device,
-                        precision=args.precision, clip_skip=args.clip_skip)
+                        precision=args.precision, clip_skip=args.clip_skip,
+                        loras=[parse_lora_arg(t) for t in args.lora], embeddings=list(args.embedding))
     judge = None if args.no_lab_scores else _lab_shape_reader(args.model, args.device)
     result = probe(opts, judge=judge, progress=lambda s: print(s, flush=True))
     for line in summary(result):
@@ -242,6 +244,10 @@ def _add_probe_parser(sub) -> None:
     p.add_argument("tag", help="the activation tag to probe")
     p.add_argument("--model", required=True, help="base model: single file or diffusers folder")
     p.add_argument("--class", dest="class_word", default="", help="the class word (e.g. woman, dog, shape)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="probe the model with this LoRA applied (repeatable; a pivotal LoRA's bundled tokens load)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding loaded first; its file name is its token")
     p.add_argument("--context", action="append", default=[],
                    help="the prompt around the tag, {} marks its place (else 'tag, context'); repeat: cycled over "
                         "the seeds (e.g. 'photo of {} woman, outdoors')")

@@ -9,8 +9,8 @@ any model loads. A few kohya keys that do nothing in loralab (attention backends
 counts) are accepted with a note, so configs written for kohya or its GUI still load.
 """
 
-from loralab.config.build import build_config, config_help, config_to_dict, validate
+from loralab.config.build import build_config, config_help, config_to_dict, text_encoder_cache_allowed, validate
 from loralab.config.fields import OPTIMIZERS, SAMPLERS, SCHEDULERS, TrainConfig, _f, parse_resolution
 
 __all__ = ["OPTIMIZERS", "SAMPLERS", "SCHEDULERS", "TrainConfig", "_f", "build_config", "config_help", "config_to_dict",
-           "parse_resolution", "validate"]
+           "parse_resolution", "text_encoder_cache_allowed", "validate"]

@@ -248,6 +248,9 @@ def raise_problems(problems: list[str]) -> None:
         raise LoralabError(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {m}" for m in problems))
 
 
+DYNAMO_BACKENDS = ("no", "inductor", "aot_eager", "eager", "cudagraphs")  # torch's own; "no": do not compile
+
+
 def config_problems(cfg: TrainConfig) -> list[str]:
     """The problems of a config, in key order, as messages that name the key."""
     problems: list[str] = []
@@ -288,7 +291,8 @@ def _range_problems(cfg: TrainConfig, bad) -> dict[str, Any]:
     w, h = cfg.resolution_wh()
     if w % 8 or h % 8 or w <= 0 or h <= 0:
         bad(f"resolution: {w},{h} must be positive multiples of 8")
-    positive = ("network_dim", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "bucket_reso_steps")
+    positive = ("network_dim", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "bucket_reso_steps",
+                "log_every_n_steps")
     for key in positive:
         if getattr(cfg, key) < 1:
             bad(f"{key}: must be at least 1, got {getattr(cfg, key)}")
@@ -323,6 +327,9 @@ def _range_problems(cfg: TrainConfig, bad) -> dict[str, Any]:
         bad("ip_noise_gamma, token_warmup_step, token_warmup_min: must be 0 or more")
     if cfg.clip_skip < 0:
         bad(f"clip_skip: must be 0 or more, got {cfg.clip_skip}")
+    if cfg.dynamo_backend.lower() not in DYNAMO_BACKENDS:
+        bad(f"dynamo_backend: {cfg.dynamo_backend!r} is not a torch.compile backend loralab runs; use one of "
+            f"{', '.join(DYNAMO_BACKENDS)}")
     return opts
 
 
@@ -417,6 +424,16 @@ def _network_type_problems(cfg: TrainConfig, opts: dict[str, Any], bad) -> None:
         path = cfg.pretrained_model_name_or_path
         for message in block_problems(net_cfg.blocks, peek_family(path) if path and Path(path).exists() else None):
             bad(message)
+
+
+def text_encoder_cache_allowed(cfg: TrainConfig) -> bool:
+    """The text encoders' outputs cannot change during the run (frozen encoders, one caption per image), so
+    `loralab train` caches them in memory even without cache_text_encoder_outputs."""
+    try:
+        _check_text_encoder_cache(cfg)
+    except LoralabError:
+        return False
+    return True
 
 
 def _check_text_encoder_cache(cfg: TrainConfig) -> None:

@@ -89,7 +89,8 @@ class TrainConfig:
     vae_batch_size: int = _f(1, "batch size when caching latents", group="dataset")
     cache_text_encoder_outputs: bool = _f(False, "encode each caption once (text encoders frozen: network_train_unet_only or "
                                           "text_encoder_lr = 0; no shuffle_caption, tag dropout or wildcards; "
-                                          "caption dropout uses a cached empty caption)", group="dataset")
+                                          "caption dropout uses a cached empty caption); done in memory without "
+                                          "this key whenever those hold", group="dataset")
     cache_text_encoder_outputs_to_disk: bool = _f(False, "also keep them in <stem>_te_outputs.npz next to the images "
                                                   "(implies cache_text_encoder_outputs)", group="dataset")
     # --- network
@@ -141,6 +142,10 @@ class TrainConfig:
     train_batch_size: int = _f(1, "images per batch", group="training")
     gradient_accumulation_steps: int = _f(1, "batches per optimizer step", group="training")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, slower)", group="training")
+    torch_compile: bool = _f(False, "compile the UNet's training forward with torch.compile (once per bucket shape: the "
+                             "first step of each shape is slow, the others faster; GPU)", group="training")
+    dynamo_backend: str = _f("inductor", "torch.compile backend when torch_compile: inductor, aot_eager, eager, "
+                             "cudagraphs (\"no\" = do not compile)", group="training")
     mixed_precision: str = _f("no", "autocast precision (fp16 uses loss scaling)", choices=("no", "fp16", "bf16"), group="training")
     fp8_base: bool = _f(False, "store the frozen UNet's Linear/Conv weights in float8 (computed in bf16/fp16; needs "
                         "mixed_precision bf16 or fp16): about half the UNet memory", group="training")
@@ -219,6 +224,9 @@ class TrainConfig:
     sample_at_first: bool = _f(False, "sample images before training", group="output")
     sample_sampler: str = _f("", "sampler for sample images (\"\" = ddim for SD 1.x/2.x, euler_a for SDXL)",
                              choices=("",) + SAMPLERS, group="output")
+    log_every_n_steps: int = _f(10, "read the loss from the GPU every N steps (the log, the progress bar and the NaN "
+                                "check then see N steps at once; each read makes the CPU wait for the GPU; saves "
+                                "read it too)", group="output")
     logging_dir: str = _f("", "TensorBoard log folder (a machine-readable train_log.jsonl is always written to output_dir)", group="output")
     log_prefix: str = _f("", "prefix of the TensorBoard run folder name", group="output")
     training_comment: str = _f("", "stored as ss_training_comment", group="output")

@@ -516,8 +516,9 @@ def _optimizer_and_scheduler(d: dict, conv: GuiConversion) -> None:
     backend = str(d.get("dynamo_backend") or "no")
     if backend.lower() == "no":
         conv.dropped.append(("dynamo_backend", "no: a launcher setting"))
-    else:
-        conv.keys["dynamo_backend"] = backend
+    else:  # the GUI passes it to `accelerate launch`, which compiles the model: loralab's torch_compile
+        conv.map("dynamo_backend", "dynamo_backend", backend, "the launcher's torch.compile backend")
+        conv.keys["torch_compile"] = True
 
 
 def _noise(d: dict, conv: GuiConversion) -> None:

@@ -68,9 +68,6 @@ FOREIGN: dict[str, Foreign] = {
     "huggingface_repo_visibility": Foreign(NOT_HUB),
     "save_state_to_huggingface": Foreign(NOT_HUB, refuse=NOT_HUB),
     "resume_from_huggingface": Foreign(NOT_HUB, refuse=NOT_HUB), "async_upload": Foreign(NOT_HUB),
-    "dynamo_backend": Foreign("torch.compile is not used", off=("NO",),
-                              refuse="dynamo_backend: torch.compile is not supported yet; set it to \"no\""),
-    "torch_compile": Foreign("not used", refuse="torch_compile: torch.compile is not supported yet"),
     "fused_backward_pass": Foreign("not used", refuse="fused_backward_pass is not supported; use AdamW8bit or "
                                                       "gradient_checkpointing to save memory"),
     "fused_optimizer_groups": Foreign("not used", refuse="fused_optimizer_groups is not supported"),

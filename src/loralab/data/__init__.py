@@ -8,6 +8,7 @@
 - `dataset_config`: sd-scripts' dataset TOML ([general], [[datasets]], [[datasets.subsets]]): keys, precedence,
   problems; `dataset_group`: its datasets trained together (multi-resolution), their batches and metadata.
 - `latents`: the VAE latent cache in memory and in kohya-named .npz files.
+- `transfer`: a step's inputs to the training device without a host wait (pinned, non-blocking copies).
 
-Only `latents` (and `images.prepare_image`, lazily) import torch.
+Only `latents`, `transfer` and `text_encoder_cache` (and `images.prepare_image`, lazily) import torch.
 """

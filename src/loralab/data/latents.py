@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,31 @@ def _check_finite(latents: torch.Tensor, sample: Sample) -> None:
         )
 
 
+def prepared_chunks(chunks: Sequence[Sequence[Sample]], workers: int = 0):
+    """(chunk, its images stacked) for each chunk, in order, the images prepared by a pool of threads (PIL
+    decodes and resizes without holding the GIL) at most 2 × workers chunks ahead, so the memory stays small."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(chunk):
+        return torch.stack([prepare_image(s.entry.path, s.choice) for s in chunk])
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        todo = iter(chunks)
+        for chunk in todo:
+            pending.append((chunk, pool.submit(load, chunk)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            chunk, future = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(load, nxt)))
+            yield chunk, future.result()
+
+
 def cache_latents(
     samples: Sequence[Sample],
     encode_fn: EncodeFn,
@@ -213,6 +239,7 @@ def cache_latents(
     batch_size: int = 1,
     progress: bool = True,
     npz_suffix: str = SD_NPZ_SUFFIX,
+    workers: int = 0,
 ) -> LatentCache:
     """Encode every distinct (image, bucket) of `samples` once and return the cache.
 
@@ -223,7 +250,8 @@ def cache_latents(
     are written next to the images (kohya's file name). `vae_id` names the VAE (and anything else that
     changes latents, such as its dtype): a file made with another id is rebuilt.
     All latents are kept in memory (float32, CPU) for the run, with each image's loss mask (`data/masks.py`).
-    A non-finite latent raises LoralabError naming the image.
+    A non-finite latent raises LoralabError naming the image. The images are decoded and resized by `workers`
+    threads (0: one per CPU core, at most 8) a few batches ahead of the encoder.
     """
     if batch_size < 1:
         raise LoralabError(f"vae_batch_size: {batch_size} must be at least 1")
@@ -245,30 +273,29 @@ def cache_latents(
         todo.setdefault(sample.choice.bucket, []).append(sample)
 
     total = sum(len(v) for v in todo.values())
+    chunks = [samples_[start:start + batch_size] for samples_ in todo.values()
+              for start in range(0, len(samples_), batch_size)]
     with tqdm(total=total, desc="caching latents", unit="img", disable=not progress or total == 0) as bar:
-        for bucket_samples in todo.values():
-            for start in range(0, len(bucket_samples), batch_size):
-                chunk = bucket_samples[start:start + batch_size]
-                images = torch.stack([prepare_image(s.entry.path, s.choice) for s in chunk])
-                with torch.no_grad():
-                    latents = encode_fn(images).detach().float().cpu()
-                    flipped = encode_fn(torch.flip(images, dims=[3])).detach().float().cpu() if flip_aug else None
-                for i, sample in enumerate(chunk):
-                    _check_finite(latents[i], sample)
-                    if flipped is not None:
-                        _check_finite(flipped[i], sample)
-                    item = CachedLatents(
-                        latents=latents[i].clone(),
-                        latents_flipped=flipped[i].clone() if flipped is not None else None,
-                        original_size=sample.entry.size,
-                        crop_ltrb=kohya_crop_ltrb(sample.choice.bucket, sample.entry.size),
-                        mask=(torch.from_numpy(mask_pixels(sample.entry, sample.choice))
-                              if mask_source(sample.entry) is not None else None),
-                    )
-                    cache.put(sample, item)
-                    cache.num_encoded += 1
-                    if to_disk:
-                        _save(latents_npz_path(sample.entry.path, sample.entry.size, npz_suffix), sample, item, vae_id)
-                bar.update(len(chunk))
+        for chunk, images in prepared_chunks(chunks, workers):
+            with torch.no_grad():
+                latents = encode_fn(images).detach().float().cpu()
+                flipped = encode_fn(torch.flip(images, dims=[3])).detach().float().cpu() if flip_aug else None
+            for i, sample in enumerate(chunk):
+                _check_finite(latents[i], sample)
+                if flipped is not None:
+                    _check_finite(flipped[i], sample)
+                item = CachedLatents(
+                    latents=latents[i].clone(),
+                    latents_flipped=flipped[i].clone() if flipped is not None else None,
+                    original_size=sample.entry.size,
+                    crop_ltrb=kohya_crop_ltrb(sample.choice.bucket, sample.entry.size),
+                    mask=(torch.from_numpy(mask_pixels(sample.entry, sample.choice))
+                          if mask_source(sample.entry) is not None else None),
+                )
+                cache.put(sample, item)
+                cache.num_encoded += 1
+                if to_disk:
+                    _save(latents_npz_path(sample.entry.path, sample.entry.size, npz_suffix), sample, item, vae_id)
+            bar.update(len(chunk))
     log.info("latents: %d cached (%d encoded, %d read from disk)", len(cache), cache.num_encoded, cache.num_loaded)
     return cache

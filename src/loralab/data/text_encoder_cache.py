@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from loralab.data.transfer import to_device
 from loralab.errors import LoralabError
 from loralab.io import atomic_save_npz
 
@@ -102,7 +103,8 @@ class TextEncoderCache:
         if missing:
             raise KeyError(f"caption not in the text-encoder cache: {missing[0]!r}; the caption changed after "
                            "caching (a caption option that varies per step is on?)")
-        return tuple(torch.stack([self._items[c][i] for c in captions]).to(device) for i in range(len(self.names)))
+        stacked = [torch.stack([self._items[c][i] for c in captions]) for i in range(len(self.names))]
+        return tuple(t if device is None else to_device(t, device) for t in stacked)
 
 
 def _load_valid(npz_path: Path, names: tuple[str, ...], caption: str, encoders: str) -> tuple[torch.Tensor, ...] | None:

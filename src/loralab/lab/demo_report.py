@@ -47,6 +47,11 @@ def write_grid(path: Path, run: RunResult, tag_items, base_items, ev: DemoEval) 
     return path
 
 
+def _processes(workers: int, threads: int) -> str:
+    t = f"{threads} torch thread{'s' if threads != 1 else ''}"
+    return f"{workers} processes, {t} each" if workers > 1 else t
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f} %"
 
@@ -133,7 +138,7 @@ def review_record(r: RunResult) -> dict | None:
 
 def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: DemoRecipe, ev: DemoEval,
                  timings: dict[str, float], files: dict[str, str], *, quick: bool, threads: int, device: str,
-                 tag_items, base_items) -> Path:
+                 tag_items, base_items, workers: int = 1) -> Path:
     """``report.md`` (for people) and ``results.json`` (for programs)."""
     from loralab.io import atomic_write
 
@@ -149,7 +154,7 @@ def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: 
     L += [f"The lab model never saw a **ring**. From {recipe.n_images} ring images tagged `{TAG}`, a LoRA learned "
           f"to draw rings when a prompt starts with `{TAG}`, while prompts without the tag kept drawing what "
           f"they drew before. Everything below ran in {timings['total'] / 60:.1f} min on {device} "
-          f"({threads} torch thread{'s' if threads != 1 else ''}).", ""]
+          f"({_processes(workers, threads)}).", ""]
     L += ["## Recommended epoch", ""]
     L += [f"**Epoch {best.epoch} of the run with regularization images**: `{rel(_lora_file(reg, best.epoch))}`. "
           f"Why: {why}.", ""]
@@ -183,6 +188,9 @@ def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: 
     L += method_lines(recipe, ev, tag_items, base_items)
     L += ["## Time", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    if workers > 1:
+        L += ["", "The base model's scores and the run without reg images ran in a second process, alongside the "
+              "reg images and the run with them: the stages overlap, so they add up to more than the total."]
     L += ["", "## Files", "",
           "* `dataset/`, `reg/`: the training and regularization images (kohya layout)",
           f"* `train_reg/`, `train_noreg/`: LoRA files per epoch (`{TAG}-NNNNNN.safetensors`, the last epoch "
@@ -192,7 +200,8 @@ def write_report(out_dir: Path, runs: Sequence[RunResult], picks: dict, recipe: 
     report = out_dir / "report.md"
     atomic_write(report, lambda tmp: Path(tmp).write_text("\n".join(L), encoding="utf-8"))
 
-    data = {"quick": quick, "device": device, "threads": threads, "recipe": asdict(recipe), "eval": asdict(ev),
+    data = {"quick": quick, "device": device, "threads": threads, "workers": workers, "recipe": asdict(recipe),
+            "eval": asdict(ev),
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
             "bars": {"concept": CONCEPT_BAR, "retention": RETENTION_BAR},
             "runs": {r.name: {"with_reg": r.with_reg, "recommended_epoch": picks[r.name][0].epoch,

@@ -242,15 +242,18 @@ class LoRAModule(NetworkModule):
         if self.dora_scale is not None:
             return super().forward(x, *args, **kwargs)
         y = self._org_forward(x, *args, **kwargs)
-        if module_dropout(self.module_dropout, self.training):
-            return y
-        if x.dtype != self.lora_down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_down.weight.dtype)  # under autocast the Linear casts by itself: no extra kernel
-        lx = self.lora_down(x)
-        lx = network_dropout(lx, self.dropout, self.training)
-        lx, factor = rank_dropout(lx, self.rank_dropout, self.training, conv=self.is_conv)
-        lx = self.lora_up(lx)
-        return y + (lx * (self.multiplier * self.scale * factor)).to(y.dtype)
+        down, up = self.lora_down.weight, self.lora_up.weight
+        if x.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(down.dtype)  # under autocast the Linear casts by itself: no extra kernel
+        if self.training and (self.dropout or self.rank_dropout or self.module_dropout):
+            if module_dropout(self.module_dropout, self.training):
+                return y
+            lx = network_dropout(self.lora_down(x), self.dropout, self.training)
+            lx, factor = rank_dropout(lx, self.rank_dropout, self.training, conv=self.is_conv)
+            return y + (self.lora_up(lx) * (self.multiplier * self.scale * factor)).to(y.dtype)
+        # the common case in few kernels and Python calls (this runs for every wrapped layer of every step)
+        lx = self.lora_up(self.lora_down(x)) if self.is_conv else F.linear(F.linear(x, down), up)
+        return y + (lx * (self.multiplier * self.scale)).to(y.dtype)
 
     # ------------------------------------------------------------------ merged weight
     def merge_weight(self) -> torch.Tensor:

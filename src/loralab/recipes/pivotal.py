@@ -14,8 +14,8 @@ steps the vectors freeze and the LoRA trains on, diffusers' `train_text_encoder_
 
 What differs from the LoRA recipe (the loss is its loss):
 - `prepare` checks the keys and the init words before anything loads (`pivotal_settings`, the init word's
-  tokens against num_vectors_per_token), refuses `resume` and cached
-  text-encoder outputs, then prepares the standard run; `param_groups` (called once, after the network
+  tokens against num_vectors_per_token), refuses cached text-encoder outputs and a `resume` state folder
+  without the new tokens' vectors, then prepares the standard run; `param_groups` (called once, after the network
   exists) adds the new tokens to the tokenizers and text encoders (`models/embeddings.py`: both encoders
   of SDXL) and returns the LoRA groups plus one group of the new vectors at `embedding_lr`;
 - gradients flow through the text encoders while the vectors train, also for a UNet-only LoRA
@@ -28,6 +28,9 @@ What differs from the LoRA recipe (the loss is its loss):
   vectors, steps trained).
 Samples during training and `loralab generate` read the new words through `models/text.py` `tokenize`.
 `network_weights` may be a pivotal LoRA: its bundled tokens continue from their trained vectors.
+Resume: `StateEmbeddings` writes the vectors into every state folder the run saves (`train/state.py`
+EMBEDDINGS_FILE, fp32), and a resumed run starts its tokens from them (before network_weights and init
+words), with the optimizer's state of their group, so it ends with the same file as a straight run.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from loralab.recipes.lora import LoRARecipe
 from loralab.train.callbacks import Callback
 from loralab.train.loop import TrainResult, fit
 from loralab.train.run import Run, lora_param_groups
+from loralab.train.state import EMBEDDINGS_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,8 @@ def add_run_tokens(run: Run, s: PivotalSettings) -> NewTokens:
     out = NewTokens(s)
     gen = torch.Generator().manual_seed(run.cfg.seed)
     earlier = bundled_in(run.cfg.network_weights, m.family, s.vectors) if run.cfg.network_weights else {}
+    if run.cfg.resume:
+        earlier = state_embeddings(Path(run.cfg.resume), s, len(m.text_encoders))
     for token, word in zip(s.tokens, s.init_words):
         warn_split(m.tokenizers[0], token)
         vectors = earlier.get(token) or [
@@ -124,7 +130,8 @@ def add_run_tokens(run: Run, s: PivotalSettings) -> NewTokens:
             for tok, te in zip(m.tokenizers, m.text_encoders)]
         out.params[token] = add_new_token(m.tokenizers, m.text_encoders, token, vectors)
         log.info("pivotal: new token %r, %d vector(s) per text encoder, from %s", token, s.vectors,
-                 "network_weights" if token in earlier else repr(word) if word else "random vectors")
+                 ("the resume state" if run.cfg.resume else "network_weights") if token in earlier
+                 else repr(word) if word else "random vectors")
     return out
 
 
@@ -143,6 +150,61 @@ def bundled_in(path: str, family: str, n: int) -> dict[str, list[torch.Tensor]]:
     return out
 
 
+def state_embeddings(folder: Path, s: PivotalSettings, encoders: int) -> dict[str, list[torch.Tensor]]:
+    """The new tokens' vectors of a state folder (`EMBEDDINGS_FILE`: "<token>.<encoder>"); each token of the
+    config must be there with num_vectors_per_token vectors per text encoder."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / EMBEDDINGS_FILE))
+    out = {}
+    for token in s.tokens:
+        parts = [sd.get(f"{token}.{i}") for i in range(encoders)]
+        if any(p is None for p in parts) or any(p.shape[0] != s.vectors for p in parts):
+            have = sorted({k.rsplit(".", 1)[0] for k in sd})
+            raise LoralabError(f"resume: {folder / EMBEDDINGS_FILE} holds the tokens {', '.join(have) or 'none'} "
+                               f"({', '.join(str(tuple(v.shape)) for v in sd.values())}), not {token!r} with "
+                               f"{s.vectors} vector(s) per text encoder; resume with the token_string and "
+                               "num_vectors_per_token of the run that saved it")
+        out[token] = parts
+    return out
+
+
+class StateEmbeddings(Callback):
+    """After each hook: a state folder of this run saved at the current step (its counters say so) that
+    lacks the new tokens' vectors gets them (`EMBEDDINGS_FILE`, temp file then rename). A state is always
+    a fresh folder (`train/state.py` renames a new one in), so a missing file means a state just saved."""
+
+    def __init__(self, tokens: NewTokens):
+        self.tokens = tokens
+
+    def on_step_end(self, run: Run) -> None:
+        self.write(run)
+
+    def on_epoch_end(self, run: Run) -> None:
+        self.write(run)
+
+    def on_train_end(self, run: Run) -> None:
+        self.write(run)
+
+    def write(self, run: Run) -> None:
+        from safetensors.torch import save_file
+
+        if not run.is_main:
+            return
+        name = run.cfg.output_name
+        for folder in (p for p in run.out_dir.iterdir() if p.name.startswith(name) and p.name.endswith("-state")):
+            f = folder / EMBEDDINGS_FILE
+            if f.exists() or not (folder / STATE_FILE).is_file():
+                continue
+            if json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("global_step") != run.global_step:
+                continue
+            tensors = {f"{k}.{i}": p.detach().float().contiguous().cpu()
+                       for k, ps in self.tokens.params.items() for i, p in enumerate(ps)}
+            tmp = folder / (EMBEDDINGS_FILE + ".tmp")
+            save_file(tensors, str(tmp))
+            tmp.replace(f)
+
+
 class FreezeEmbeddings(Callback):
     """At `stop_embedding_training` steps: the vectors stop training (no gradient, the text encoders' gradients
     off again when their LoRA does not train) and are held at their values from then on."""
@@ -157,7 +219,7 @@ class FreezeEmbeddings(Callback):
         t = self.tokens
         stop = t.settings.stop
         if t.frozen is None:
-            t.steps_trained = run.global_step
+            t.steps_trained = min(run.global_step, stop) if stop else run.global_step  # a resume past stop too
             if not stop or run.global_step < stop:
                 return
             t.frozen = {k: [p.detach().clone() for p in ps] for k, ps in t.params.items()}
@@ -182,9 +244,11 @@ class PivotalRecipe(LoRARecipe):
 
     def prepare(self, cfg: TrainConfig) -> Run:
         settings = pivotal_settings(cfg)
-        if cfg.resume:
-            raise LoralabError("resume: a pivotal-tuning run cannot be resumed yet (its state folders do not hold "
-                               "the new tokens' embeddings); start the run again")
+        if cfg.resume and (Path(cfg.resume) / STATE_FILE).is_file() and not (Path(cfg.resume) / EMBEDDINGS_FILE).is_file():
+            raise LoralabError(f"resume: the state folder {cfg.resume} has no {EMBEDDINGS_FILE} (the new tokens' "
+                               "vectors; states saved before pivotal runs kept them lack it): it cannot continue a "
+                               "pivotal run; start the run again, or continue from its LoRA file with "
+                               "network_weights (its bundled tokens continue from their trained vectors)")
         if cfg.cache_text_encoder_outputs:
             raise LoralabError("cache_text_encoder_outputs: pivotal tuning trains the new tokens' embeddings, so "
                                "the text encoders' outputs change every step; set cache_text_encoder_outputs = false")
@@ -231,7 +295,7 @@ class PivotalRecipe(LoRARecipe):
         return out
 
     def callbacks(self, run: Run) -> list[Callback]:
-        return [FreezeEmbeddings(self.tokens, self.te_trained), *super().callbacks(run)]
+        return [FreezeEmbeddings(self.tokens, self.te_trained), *super().callbacks(run), StateEmbeddings(self.tokens)]
 
 
 def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:

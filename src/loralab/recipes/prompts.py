@@ -17,9 +17,20 @@ top-level list, or a `prompts:` list); JSON works as YAML does. Keys of an entry
     resolution     the side (or [width, height]) of the latents' image               default: the config's
     batch_size     latents per step                                                  default: 1
 
+Top-level keys beside the entries (loralab's; TOML keys before the first `[[prompts]]`, or a YAML mapping
+with a `prompts:` list):
+
+    method           "train" (LECO / sliders: the LoRA is trained for max_train_steps) or "uce" (a LECO
+                     erase written in closed form, no training steps: Unified Concept Editing, Gandikota
+                     et al. 2023, `recipes/slider.py` uce_erase_weights; erase entries and anchors only)
+                                                                                     default: "train"
+    preserve_weight  "uce": λ, the weight of the kept texts (anchors, neutral prompts, "") against the
+                     erased ones                                                     default: 1.0
+
 A concept slider is `action = "enhance"`, `positive` / `negative` the two ends around `target` (=
-`neutral`), `bidirectional = true`. An entry with `guidance_scale = 0` keeps its prompt as the base
-model has it (target → ε(neutral)): a preservation anchor beside an erase.
+`neutral`), `bidirectional = true`. An entry with `guidance_scale = 0` is pulled to ε(neutral): with
+`neutral` = its own target it keeps its prompt as the base model has it, a preservation anchor beside an
+erase (without `neutral`, LECO's default, the empty prompt, would pull it towards ε("") instead).
 """
 
 from __future__ import annotations
@@ -37,6 +48,18 @@ KEYS = ("target", "positive", "negative", "unconditional", "neutral", "action", 
         "bidirectional", "resolution", "batch_size", "dynamic_resolution", "dynamic_crops")
 EXAMPLE_LINE = ('target = "red circle", positive = "red circle, large", negative = "red circle, small", '
                 'action = "enhance", bidirectional = true')
+
+
+METHODS = ("train", "uce")
+OPTION_KEYS = ("method", "preserve_weight")
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """The prompt file's top-level keys (see the module docstring)."""
+
+    method: str = "train"
+    preserve_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,14 +102,27 @@ def read_prompts(path: str | Path) -> list[SliderPrompt]:
     where = f"prompts_file: {p}"
     if not p.is_file():
         raise LoralabError(f"{where} does not exist or is not a file")
-    entries = _load(p, where)
+    entries, _ = _load(p, where)
     if not entries:
         raise LoralabError(f"{where} holds no prompts; a slider / LECO run trains from them alone. Add [[prompts]] "
                            f"tables, e.g. {EXAMPLE_LINE}")
     return [_entry(e, f"{where}: prompt {i}") for i, e in enumerate(entries, 1)]
 
 
-def _load(p: Path, where: str) -> list:
+def read_prompt_options(path: str | Path) -> PromptOptions:
+    """The prompt file's top-level keys, checked (read_prompts has checked the file itself)."""
+    where = f"prompts_file: {path}"
+    opts = _load(Path(path), where)[1]
+    method = opts.get("method", "train")
+    if method not in METHODS:
+        raise LoralabError(f"{where}: method {method!r} is not accepted; use train or uce")
+    weight = opts.get("preserve_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise LoralabError(f"{where}: preserve_weight must be a number above 0, got {weight!r}")
+    return PromptOptions(method, float(weight))
+
+
+def _load(p: Path, where: str) -> tuple[list, dict]:
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix.lower() == ".toml":
@@ -106,15 +142,18 @@ def _load(p: Path, where: str) -> list:
             raise LoralabError(f"{where}: not valid YAML: {e}") from None
         raise
     if doc is None:
-        return []
+        return [], {}
+    options = {}
     if isinstance(doc, dict):
-        unknown = [k for k in doc if k != "prompts"]
+        unknown = [k for k in doc if k != "prompts" and k not in OPTION_KEYS]
         if unknown:
-            raise LoralabError(f"{where}: unknown top-level key {unknown[0]!r}; put each entry in a [[prompts]] table")
+            raise LoralabError(f"{where}: unknown top-level key {unknown[0]!r}; put each entry in a [[prompts]] table "
+                               f"(top-level keys: {', '.join(OPTION_KEYS)})")
+        options = {k: doc[k] for k in OPTION_KEYS if k in doc}
         doc = doc.get("prompts", [])
     if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
         raise LoralabError(f"{where}: expected a list of prompt entries (TOML [[prompts]] tables)")
-    return doc
+    return doc, options
 
 
 def _entry(e: dict, where: str) -> SliderPrompt:

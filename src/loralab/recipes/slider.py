@@ -20,6 +20,15 @@ negative, an erase entry away from positive; a bidirectional slider learns the m
 the saved file works at negative weights in A1111 and ComfyUI. Only the UNet LoRA trains (the text
 encoders are frozen: the prompts are encoded once). The loop, saving, sampling and resume are the
 standard ones; the saved file is a standard kohya LoRA with `loralab_recipe` = slider or leco.
+
+`method = "uce"` in the prompt file (`recipes/prompts.py`) writes a LECO erase in closed form instead, with
+no training step (`closed_form`): Unified Concept Editing (Gandikota et al. 2023) on the cross-attention
+key/value projections, `uce_erase_weights`. Each erase entry's text (from its concept's words on, through
+EOS: CLIP is causal, so the words after the concept carry it too) is mapped to its neutral prompt's, pushed
+η = guidance_scale further away from the concept (LECO's erase target, on the text instead of the noise);
+the anchors (η = 0 entries), the neutral prompts and "" keep theirs, weighted by `preserve_weight`; each
+ΔW, truncated to network_dim by SVD, is the LoRA module's up·down. The trained LECO erase is
+all-or-nothing on the lab model, and where it tips depends on the seed (README); the closed form is not.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import torch.nn.functional as F
 
 from loralab.config import TrainConfig
 from loralab.errors import LoralabError
-from loralab.recipes.prompts import SliderPrompt, read_prompts
+from loralab.recipes.prompts import PromptOptions, SliderPrompt, read_prompt_options, read_prompts
 from loralab.train.callbacks import Callback
 from loralab.train.loop import TrainResult, fit
 from loralab.train.recipe import Recipe
@@ -75,6 +84,7 @@ class SliderRecipe(Recipe):
         self.entries: list[SliderPrompt] = []
         self.cond: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         self.sampler = None
+        self.options = PromptOptions()
 
     # ---------------------------------------------------------------- prepare
     def prepare(self, cfg: TrainConfig) -> Run:
@@ -85,11 +95,41 @@ class SliderRecipe(Recipe):
         from loralab.train.run import prepare
 
         self.entries = read_prompts(cfg.prompts_file)
+        self.options = read_prompt_options(cfg.prompts_file)
+        if self.options.method == "uce":
+            check_uce_entries(self.entries, cfg.prompts_file)
         run = prepare(slider_config(cfg), self, self._data)
         self.sampler = DDIMScheduler.from_config(run.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False,
                                                  steps_offset=1)
         self._encode(run)
+        if self.options.method == "uce":
+            self.closed_form(run)
         return run
+
+    def closed_form(self, run: Run) -> None:
+        """`method = "uce"`: the LoRA's cross-attention key/value modules set to the closed-form erase, and no
+        training steps (the run ends at once; saving writes the final file as for any run)."""
+        erase = [(e.target, e.neutral) for e in self.entries if e.action == "erase"]
+        etas = {e.guidance_scale for e in self.entries if e.action == "erase"}
+        keep = [""] + [e.target for e in self.entries if e.action != "erase"] + [n for _, n in erase]
+        tok = run.model.tokenizers[0]
+        modules = {m.lora_name: m for m in run.network.unet_loras}
+        bad = [n for n, m in modules.items() if n.endswith(("_attn2_to_k", "_attn2_to_v"))
+               and not (hasattr(m, "lora_down") and isinstance(m.lora_down, torch.nn.Linear))]
+        if bad or len(etas) != 1:
+            raise LoralabError("method = uce writes plain LoRA modules (network_module = networks.lora) with one "
+                               "guidance_scale for all erase entries" + (f"; {bad[0]} is not one" if bad else ""))
+        sd = uce_erase_weights(run.model.unet, lambda texts: torch.cat([self.cond[t][0] for t in texts]).float(),
+                               lambda t: [tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids, erase, keep,
+                               rank=run.cfg.network_dim, keep_weight=self.options.preserve_weight, guidance=etas.pop())
+        with torch.no_grad():
+            for name, m in modules.items():
+                if f"{name}.lora_up.weight" in sd:
+                    m.lora_down.weight.copy_(sd[f"{name}.lora_down.weight"])
+                    m.lora_up.weight.copy_(sd[f"{name}.lora_up.weight"] / m.scale)
+        run.max_steps = 0
+        log.info("method = uce: %d erase prompts edited in closed form, %d texts kept (preserve_weight %g); no "
+                 "training steps", len(erase), len(keep), self.options.preserve_weight)
 
     def _data(self, run: Run) -> int:
         """The run's data: the sample prompts of the config; the batches of an epoch are the prompt entries."""
@@ -203,10 +243,100 @@ class SliderRecipe(Recipe):
         """The kind (slider: an entry has a negative prompt or trains both directions; else leco), the
         prompt entries and the denoising settings."""
         kind = "slider" if any(e.bidirectional or e.negative for e in self.entries) else "leco"
-        return {"loralab_recipe": kind, "loralab_slider_prompts": json.dumps([e.as_dict() for e in self.entries]),
+        uce = {"loralab_slider_method": json.dumps(dataclasses.asdict(self.options))} \
+            if self.options.method != "train" else {}
+        return {"loralab_recipe": kind, **uce, "loralab_slider_prompts": json.dumps([e.as_dict() for e in self.entries]),
                 "loralab_slider_settings": json.dumps({"max_denoising_steps": run.cfg.max_denoising_steps,
                                                        "leco_denoise_guidance_scale":
                                                            run.cfg.leco_denoise_guidance_scale})}
+
+
+def check_uce_entries(entries: Sequence[SliderPrompt], where: str) -> None:
+    """`method = "uce"` erases: erase entries (their neutral is the target without the concept's words) and
+    anchors (guidance_scale 0); an entry of another kind is a one-line error before anything loads."""
+    for i, e in enumerate(entries, 1):
+        if e.action == "enhance" and e.guidance_scale != 0 or e.bidirectional:
+            raise LoralabError(f"prompts_file: {where}: prompt {i}: method = uce takes erase entries and anchors "
+                               "(guidance_scale = 0) only; train sliders and enhance entries with method = train")
+    if not any(e.action == "erase" for e in entries):
+        raise LoralabError(f"prompts_file: {where}: method = uce needs at least one erase entry")
+    from loralab.models.tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()  # every SD text encoder reads CLIP's vocabulary: the pairs are checked now
+    for i, e in enumerate(entries, 1):
+        if e.action == "erase":
+            try:
+                concept_positions(tok(e.target).input_ids, tok(e.neutral).input_ids, 77)
+            except LoralabError:
+                raise LoralabError(f"prompts_file: {where}: prompt {i}: method = uce maps the target to its neutral "
+                                   f"prompt word for word, so neutral must be the target without the erased words "
+                                   f"(target {e.target!r}, neutral {e.neutral!r})") from None
+
+
+def concept_positions(concept_ids: Sequence[int], neutral_ids: Sequence[int], length: int) -> list[int]:
+    """For each of the `length` positions of the concept prompt's tokens (BOS first), the position of the
+    neutral prompt it is edited towards: the same before the concept's words, BOS (0) for the concept's own
+    words, the same word `len(concept) − len(neutral)` positions back after them (the neutral prompt is the
+    concept prompt without the concept's words)."""
+    a, b = list(concept_ids), list(neutral_ids)
+    n = len(a) - len(b)
+    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+    if n <= 0 or a[:k] != b[:k] or a[k + n:] != b[k:]:
+        raise LoralabError("uce: the neutral prompt must be the concept prompt without the concept's words")
+    return [p if p < k else 0 if p < k + n else p - n for p in range(length)]
+
+
+def uce_delta(w: torch.Tensor, source: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+              keep_weight: float, ridge: float) -> torch.Tensor:
+    """Unified Concept Editing (Gandikota et al. 2023), one projection W (out × d) of the text: the ΔW that
+    minimises Σ‖(W+ΔW)cᵢ − W c*ᵢ‖² + λ Σ‖ΔW cⱼ‖² + γ‖ΔW‖² over edited rows cᵢ → c*ᵢ (`source`, `target`: n × d)
+    and kept rows cⱼ (`keep`): ΔW = W (C* − C)ᵀ C (CᵀC + λ KᵀK + γI)⁻¹."""
+    d = source.shape[1]
+    m = source.T @ source + keep_weight * keep.T @ keep + ridge * torch.eye(d, dtype=source.dtype)
+    return torch.linalg.solve(m, (w.double() @ (target - source).T @ source).T).T
+
+
+def uce_erase_weights(unet: torch.nn.Module, encode, ids, erase: Sequence[tuple[str, str]], keep: Sequence[str], *,
+                      rank: int, keep_weight: float = 1.0, ridge: float = 1e-3, span: str = "words",
+                      guidance: float = 0.0,
+                      projections: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")) -> dict[str, torch.Tensor]:
+    """A LECO erase written in closed form: the cross-attention key/value projections map each (concept
+    prompt, neutral prompt) pair of `erase` to the neutral's text (`concept_positions`) while the texts of
+    `keep` (anchors, the empty prompt) keep theirs; each ΔW, truncated to `rank` by SVD, is a kohya LoRA
+    module (alpha = rank). `guidance` η > 0 pushes each edited row past the neutral's, away from the concept's
+    (LECO's erase target). `encode(texts)` -> (n, tokens, d) the UNet's text conditioning; `ids(text)` ->
+    its token ids with BOS. `span`: which positions of a concept prompt are edited: "concept" (its words),
+    "words" (from its words through EOS: the CLIP text encoder is causal, so the words after the concept carry
+    it too), "all" (and the padding after EOS)."""
+    concept = encode([c for c, _ in erase]).double()
+    neutral = encode([n for _, n in erase]).double()
+    length = concept.shape[1]
+    src, tgt = [], []
+    for i, (c, n) in enumerate(erase):
+        a, b = ids(c), ids(n)
+        pos = concept_positions(a, b, length)
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+        end = {"concept": k + len(a) - len(b), "words": min(len(a) + 1, length), "all": length}[span]
+        src.append(concept[i][k:end])
+        to = neutral[i][pos[k:end]]
+        tgt.append(to + guidance * (to - concept[i][k:end]))  # LECO's erase: neutral − η·(concept − neutral)
+    source, target = torch.cat(src), torch.cat(tgt)
+    kept = encode(list(keep)).double().reshape(-1, concept.shape[2])
+    out = {}
+    for name, module in unet.named_modules():
+        if not name.endswith(projections):
+            continue
+        w = module.weight.detach().cpu().double()
+        delta = uce_delta(w, source.cpu(), target.cpu(), kept.cpu(), keep_weight, ridge)
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, sv.shape[0])
+        key = "lora_unet_" + name.replace(".", "_")
+        up, down = torch.zeros(w.shape[0], rank, dtype=w.dtype), torch.zeros(rank, w.shape[1], dtype=w.dtype)
+        up[:, :r], down[:r] = u[:, :r] * sv[:r], vh[:r]  # rank above d: the rest stays zero
+        out[f"{key}.lora_up.weight"] = up.float().contiguous()
+        out[f"{key}.lora_down.weight"] = down.float().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(rank))
+    return out
 
 
 def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:

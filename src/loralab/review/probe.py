@@ -36,6 +36,11 @@ base model know the tag?" has the table): star, heart, square, triangle, cross: 
 as new (text 1.24, image 1.11): the lab model draws a circle for any word it does not know in a shape's place,
 so its circle is its default, not a concept a tag can be told apart by.
 
+With `--lora FILE[:WEIGHT]` / `--embedding FILE` (as `generate`, `attention`, `bleed`) the probe asks the model
+as they make it: a token they load (a pivotal LoRA's bundled `bundle_emb.*`, an embedding file named after its
+token) is read as its own ids, so a pivotal token can be checked after training; probe.json names the files
+and the tokens loaded.
+
 Files in `--out`: `probe.json`, `probe.png` (one row per prompt, one column per seed).
 """
 
@@ -93,6 +98,8 @@ class ProbeOptions:
     device: str = ""
     precision: str = "fp32"
     clip_skip: int = 0
+    loras: list = field(default_factory=list)  # `review.generate.LoraSpec`s applied before drawing (--lora)
+    embeddings: list[str] = field(default_factory=list)  # --embedding files, loaded before the LoRAs
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -190,10 +197,7 @@ def verdict(distinctness: float, text_distinctness: float) -> str:
 
 def probe(opts: ProbeOptions, judge: Judge | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
     """What `loralab probe` runs; returns the content of probe.json (see the module docstring)."""
-    import torch
-
     from loralab.review.generate import SamplingModel
-    from loralab.train.sampling import SamplePrompt
 
     if opts.seeds < 1:
         raise LoralabError(f"--seeds {opts.seeds}: at least 1")
@@ -203,13 +207,30 @@ def probe(opts: ProbeOptions, judge: Judge | None = None, progress: Callable[[st
         raise LoralabError(f"--model {opts.model}: no such file or folder; give a base model checkpoint")
     from loralab.models.tokenizer import clip_tokenizer
 
-    rows = probe_prompts(clip_tokenizer(), opts.tag, opts.class_word, opts.stand_ins)  # bad tag: before loading
+    for path in opts.embeddings:  # before the model loads
+        if not Path(path).is_file():
+            raise LoralabError(f"--embedding {path}: not a file")
+    probe_prompts(clip_tokenizer(), opts.tag, opts.class_word, opts.stand_ins)  # a bad tag: said before loading
     contexts = opts.contexts or [""]
     for c in contexts:
         split_context(c)
     sm = SamplingModel.load(opts.model, device=opts.device, precision=opts.precision, clip_skip=opts.clip_skip)
+    try:
+        # the model as the LoRAs and embeddings make it: a token they load (pivotal tuning) is probed as its ids
+        sm.apply_all(opts.loras, opts.embeddings)
+        return _probe(sm, opts, contexts, judge, progress)
+    finally:
+        sm.remove()
+
+
+def _probe(sm, opts: ProbeOptions, contexts: list[str], judge: Judge | None, progress) -> dict:
+    import torch
+
+    from loralab.train.sampling import SamplePrompt
+
     m = sm.model
     tok = m.tokenizers[0]
+    rows = probe_prompts(tok, opts.tag, opts.class_word, opts.stand_ins)
     width, height = opts.width or sm.native_size, opts.height or sm.native_size
     images, conds = {}, {}
     for i, (label, ids) in enumerate(rows.items()):
@@ -231,7 +252,9 @@ def probe(opts: ProbeOptions, judge: Judge | None = None, progress: Callable[[st
 
     text_distinct = ratio([text_dist(tag_label, s) for s in stand], [text_dist(a, b) for a, b in pairs])
     found = verdict(distinct, text_distinct)
-    result = {"model": str(opts.model), "tag": opts.tag, "class_word": opts.class_word, "contexts": opts.contexts,
+    result = {"model": str(opts.model), "loras": [[str(x.path), x.weight] for x in opts.loras],
+              "embeddings": [str(e) for e in opts.embeddings], "new_tokens": list(sm.tokens),
+              "tag": opts.tag, "class_word": opts.class_word, "contexts": opts.contexts,
               "seeds": opts.seeds, "size": [width, height], "prompts": labels,
               "tokens": _names(tok, rows[tag_label]),
               "change_without": round(lora_change(images[tag_label], images["without the tag"]), 4),
@@ -252,7 +275,9 @@ def write_outputs(out: Path, result: dict, images: dict) -> None:
 
 def summary(r: dict) -> list[str]:
     """The verdict in a few lines, as the command prints it."""
-    lines = [f"tag {r['tag']!r} (tokens {' '.join(r['tokens'])}): the base model "
+    who = "the model with " + ", ".join(Path(f).name for f in r["embeddings"] + [x[0] for x in r["loras"]]) \
+        if r.get("loras") or r.get("embeddings") else "the base model"
+    lines = [f"tag {r['tag']!r} (tokens {' '.join(r['tokens'])}): {who} "
              + ("KNOWS it" if r["verdict"] == "known" else "does NOT know it")
              + f" (text encoder distinctness {r['text_distinctness']:.2f}, image {r['distinctness']:.2f}; known at "
              f">= {r['bars']['text_distinctness']} and >= {r['bars']['distinctness']})",

@@ -42,7 +42,9 @@ class Callback:
 def save_network(run: Run, path: Path, epoch: int) -> None:
     """Write the LoRA file (kohya format, `ss_*` metadata, the recipe's extra tensors) on the main process."""
     from loralab.train.metadata import build_metadata
+    from loralab.train.step import flush_steps
 
+    flush_steps(run)  # a step with a NaN loss since the last flush stops the run here, before the file
     if not run.is_main:
         run.last_good = path if path.stem != run.cfg.output_name else run.last_good
         return
@@ -131,6 +133,9 @@ def remove_old_save(run: Run, name: str, rule: str) -> None:
     except OSError as e:
         log.warning("%s: could not remove %s: %s", rule, path, e)
         return
+    emb = path.with_name(f"{path.stem}_emb")  # a pivotal run's separate embeddings of that file
+    if emb.is_dir():
+        shutil.rmtree(emb, ignore_errors=True)
     if path in run.saved:
         run.saved.remove(path)
     log.info("removed %s (%s)", path, rule)

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,7 @@ class TrainLog:
         self._epoch: int | None = None  # epoch of the last step record
         self._slot = 0  # moving-average slot of the next step in that epoch
         self.tensorboard_dir: Path | None = None
+        self.before_write: Callable[[], None] | None = None  # called before an epoch, validation or event record
         self._file = None
         self._writer = None
         if not enabled:
@@ -156,6 +157,7 @@ class TrainLog:
         max_norm: tuple[int, float, float] | Mapping[str, float] | None = None,
         values: Mapping[str, float] | None = None,
         epoch_step: int | None = None,
+        at: float | None = None,
     ) -> dict[str, Any]:
         """One training step at global step `step` (the TensorBoard x axis) of epoch `epoch` (1-based).
 
@@ -163,7 +165,8 @@ class TrainLog:
         `optim.current_lrs`: lr/unet, lr/textencoder, lr/d*lr/...), `max_norm` — kohya's
         `apply_max_norm_regularization` result (keys_scaled, mean_norm, maximum_norm) → max_norm/keys_scaled,
         norm/avg_key_norm, max_norm/max_key_norm, or a mapping of tags — and any other `values`.
-        `epoch_step` is the moving-average slot; by default the count of steps logged in this epoch.
+        `epoch_step` is the moving-average slot; by default the count of steps logged in this epoch. `at`: when
+        the step ended (unix seconds; default now), for a step logged later than it ran.
         """
         loss = float(_json_value(loss))
         if epoch != self._epoch:
@@ -172,7 +175,7 @@ class TrainLog:
         self._slot = slot + 1
         self.recorder.add(slot, loss)
         record: dict[str, Any] = {"kind": "step", "step": step, "epoch": epoch, "epoch_step": slot,
-                                  "time": time.time(), "loss/current": loss,
+                                  "time": time.time() if at is None else at, "loss/current": loss,
                                   "loss/average": self.recorder.moving_average}
         record.update(lrs or {})
         if isinstance(max_norm, Mapping):
@@ -188,6 +191,7 @@ class TrainLog:
         """End of epoch `epoch` (1-based) at global step `step`: loss/epoch_average = kohya's moving
         average now (the mean of the last epoch's worth of steps), at TensorBoard step = epoch (kohya),
         plus `values` (e.g. loss/validation/epoch_average)."""
+        self._catch_up()
         record = {"kind": "epoch", "step": step, "epoch": epoch, "time": time.time(),
                   "loss/epoch_average": self.recorder.moving_average}
         record.update(values or {})
@@ -200,19 +204,28 @@ class TrainLog:
     ) -> dict[str, Any]:
         """Validation values (kohya tags loss/validation/{step,epoch}_average, ..._divergence), at
         TensorBoard step `tb_step` (default: `step`)."""
+        self._catch_up()
         record = {"kind": "validation", "step": step, "epoch": epoch, "time": time.time(), **values}
         return self._write(record, tb_step=step if tb_step is None else tb_step)
 
     def event(self, event: str, *, step: int, epoch: int, **fields: Any) -> dict[str, Any]:
         """A non-scalar happening, e.g. event("saved", step=..., epoch=..., path=Path("x.safetensors"));
         only in the JSON-lines file."""
+        self._catch_up()
         record = {"kind": "event", "step": step, "epoch": epoch, "time": time.time(), "event": event}
         record.update({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
         return self._write(record, tb_step=None)
 
+    def _catch_up(self) -> None:
+        """Steps logged later than they ran (the trainer keeps their losses on the GPU for a while) are written
+        before any other record: `before_write` writes them."""
+        if self.before_write is not None:
+            self.before_write()
+
     # ----------------------------------------------------------------------------------- lifecycle
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue loss/average exactly (save it with the training state)."""
+        self._catch_up()
         return {"loss_recorder": self.recorder.state_dict(), "epoch": self._epoch, "slot": self._slot}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

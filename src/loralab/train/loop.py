@@ -22,7 +22,7 @@ import torch
 from loralab.train.callbacks import Callback
 from loralab.train.recipe import Recipe
 from loralab.train.run import Run
-from loralab.train.step import backward, nan_guard, optimizer_step, step_seed
+from loralab.train.step import backward, flush_steps, nan_guard, optimizer_step, record_step, step_seed
 
 
 @dataclass
@@ -40,10 +40,9 @@ class TrainResult:
 
 def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train `run` with `recipe` until max_steps, the last epoch, or a callback's `run.stop(...)`."""
-    from loralab.train.optim import current_lrs
-
     cbs = [*recipe.callbacks(run), *callbacks]
     progress = _progress(total=run.max_steps, initial=run.global_step, enabled=run.is_main)
+    run.log.before_write = lambda: flush_steps(run)  # other records come after the steps before them
     try:
         run.log.event("resumed" if run.resumed_from is not None else "start", step=run.global_step,
                       epoch=run.epoch + 1, config=run_config(run))
@@ -54,6 +53,7 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
             run.epoch = epoch
             mine = shard(recipe.batches(run, epoch), run.rank, run.world, run.batches_per_proc)
             run.batch_in_epoch = run.skip_batches if epoch == first_epoch else 0
+            micro_losses: list[torch.Tensor] = []
             for bi in range(run.batch_in_epoch, len(mine)):
                 if run.global_step >= run.max_steps:
                     break
@@ -63,18 +63,18 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
                 loss = recipe.loss(run, mine[bi], random.Random(seed), torch.Generator(run.device).manual_seed(seed))
                 nan_guard(run, loss)
                 backward(run, loss)
+                micro_losses.append(loss)
                 if micro < run.accum - 1 and bi < len(mine) - 1:
                     continue
                 norms = optimizer_step(run)
                 run.global_step += 1
                 run.batch_in_epoch = bi + 1
-                run.last_loss = float(loss.detach())
-                run.losses.append(run.last_loss)
-                run.log.step(run.global_step, epoch + 1, run.last_loss, current_lrs(run.optimizer, run.lr_scheduler),
-                             max_norm=norms)
+                record_step(run, micro_losses, norms)  # the loss stays on the device until the next flush
+                micro_losses = []
                 progress.update(1)
-                progress.set_postfix({"loss": f"{run.last_loss:.4f}", "epoch": epoch + 1,
-                                      **{k: f"{v:.4f}" for k, v in run.metrics.items()}})
+                shown = {"loss": f"{run.last_loss:.4f}"} if run.losses else {}  # the last loss read from the device
+                progress.set_postfix({**shown, "epoch": epoch + 1, **{k: f"{v:.4f}" for k, v in run.metrics.items()}},
+                                     refresh=False)
                 notify(cbs, "on_step_end", run)
                 if run.global_step >= run.max_steps or run.stop_reason:
                     break
@@ -95,6 +95,7 @@ def fit(run: Run, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> TrainRe
         if run.world > 1:
             run.accelerator.wait_for_everyone()
     finally:
+        flush_steps(run, check=False)  # a failing run still logs the steps it did
         progress.close()
         notify(cbs, "teardown", run)
         run.log.close()

@@ -271,9 +271,17 @@ def compute_snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     v-pred scales) keep the original schedule. It also keeps them finite at t = T, where the rescaled
     SNR is 0. Returns a float32 tensor shaped like `timesteps`, on its device.
     """
-    alphas_cumprod = _alphas_cumprod_for_snr(scheduler)
-    all_snr = (torch.sqrt(alphas_cumprod) / torch.sqrt(1.0 - alphas_cumprod)) ** 2
-    return all_snr[timesteps.detach().to("cpu").long()].to(timesteps.device)
+    return _snr_table(scheduler, timesteps.device)[timesteps.detach().long()]
+
+
+def _snr_table(scheduler, device: torch.device) -> torch.Tensor:
+    """The SNR of every timestep, computed once per scheduler and device and kept there: indexing it with the
+    step's timesteps needs no copy to the host (no GPU synchronisation in the step)."""
+    tables = scheduler.__dict__.setdefault("_loralab_snr", {})
+    if device not in tables:
+        alphas_cumprod = _alphas_cumprod_for_snr(scheduler)
+        tables[device] = ((torch.sqrt(alphas_cumprod) / torch.sqrt(1.0 - alphas_cumprod)) ** 2).to(device)
+    return tables[device]
 
 
 def _alphas_cumprod_for_snr(scheduler) -> torch.Tensor:
@@ -355,9 +363,9 @@ def scheduled_huber_c(scheduler, timesteps: torch.Tensor, huber_c: float = 0.1, 
         a = -math.log(huber_c) / scheduler.config.num_train_timesteps
         return torch.exp(-a * timesteps.float()) * huber_scale
     if schedule == "snr":
-        alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)[timesteps.detach().cpu().long()]
+        alphas_cumprod = scheduler.alphas_cumprod.detach().to(timesteps.device, torch.float32)[timesteps.detach().long()]
         sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        return ((1 - huber_c) / (1 + sigmas) ** 2 + huber_c).to(timesteps.device)
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
     raise ValueError(f"huber_schedule {schedule!r}: use constant, exponential or snr")
 
 

@@ -56,9 +56,12 @@ class Recipe:
 
     def callbacks(self, run: Run) -> list[Callback]:
         """The recipe's callbacks, run before the caller's: by default Ctrl-C handling (a state to resume
-        from), the config's save cadence, the validation loss (when the run has validation images), samples."""
+        from), the config's save cadence, the validation loss (when the run has validation images), samples; with
+        torch_compile first the compile warm-up (`train/compile.py`)."""
         from loralab.train.callbacks import SampleImages, SaveCheckpoints, StopOnSignal
+        from loralab.train.compile import CompileWarmUp, compiles
         from loralab.train.validation import ValidationLoss
 
         validation = [ValidationLoss()] if run.val_dataset is not None else []
-        return [StopOnSignal(), SaveCheckpoints(), *validation, SampleImages()]
+        warm_up = [CompileWarmUp()] if compiles(run) else []
+        return [*warm_up, StopOnSignal(), SaveCheckpoints(), *validation, SampleImages()]

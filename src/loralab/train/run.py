@@ -62,6 +62,7 @@ class Run:
     weight_dtype: torch.dtype = torch.float32
     noise_scheduler: Any = None
     network: Any = None
+    unet_forward: Any = None  # the compiled UNet with torch_compile (`train/compile.py`); else the UNet is called
     train_unet: bool = True
     train_te: bool = True
     # optimisation
@@ -90,6 +91,7 @@ class Run:
     batch_in_epoch: int = 0  # batches of this epoch consumed by this process
     losses: list[float] = field(default_factory=list)
     last_loss: float = float("nan")
+    pending: list = field(default_factory=list)  # steps whose loss is still on the device (`step.flush_steps`)
     metrics: dict[str, float] = field(default_factory=dict)  # latest figures of callbacks (e.g. "val"), shown in the progress bar
     stop_reason: str = ""
     interrupted: str = ""  # the signal that interrupted the run (SIGINT, SIGTERM): no final file, a state to resume
@@ -122,6 +124,8 @@ def prepare(cfg: TrainConfig, recipe: Recipe, data: Callable[[Run], int] | None 
     """Build a run for `recipe` from the config (see the module docstring for the order). `data(run)`, when
     given, replaces the image dataset: it sets up the recipe's own data (a slider's prompts, the sample
     prompts) and returns the batches per epoch; the run then has no dataset and no caches."""
+    from loralab.train.compile import compile_unet
+
     check_outputs(cfg)
     check_resume_folder(cfg)
     run = Run(cfg=cfg, recipe=recipe, started_at=time.time())
@@ -134,6 +138,7 @@ def prepare(cfg: TrainConfig, recipe: Recipe, data: Callable[[Run], int] | None 
     load_model(run)
     setup_network(run)
     setup_optimizer(run, recipe.param_groups(run))
+    compile_unet(run)
     cache_latents(run)
     cache_text_encoder_outputs(run)
     resume(run)
@@ -145,8 +150,9 @@ def prepare(cfg: TrainConfig, recipe: Recipe, data: Callable[[Run], int] | None 
 def earlier_run_files(out_dir: Path, name: str) -> list[Path]:
     """The files an earlier run with output_name `name` left in `out_dir`: `<name>.safetensors` (or .ckpt/.pt),
     `<name>-NNNNNN.safetensors`, `<name>-stepNNNNNNNN.safetensors`, their `-state` folders and
-    `<name>-interrupted-state`."""
-    pattern = re.compile(rf"{re.escape(name)}(-(\d{{6}}|step\d{{8}}|interrupted))?(\.(safetensors|ckpt|pt)|-state)")
+    `<name>-interrupted-state`, and a pivotal run's separate embeddings, `<name>[-NNNNNN|-stepNNNNNNNN]_emb`."""
+    pattern = re.compile(rf"{re.escape(name)}(-(\d{{6}}|step\d{{8}}|interrupted))?"
+                         r"(\.(safetensors|ckpt|pt)|-state|_emb)")
     return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name)) if out_dir.is_dir() else []
 
 
@@ -459,13 +465,16 @@ def encode_prompts(run: Run, texts: list[str]) -> tuple[torch.Tensor, ...]:
 
 def cache_text_encoder_outputs(run: Run) -> None:
     """cache_text_encoder_outputs(_to_disk): each caption encoded once (config.validate allows it only for
-    frozen encoders and captions that do not change per step; a dropped caption uses the cached "")."""
+    frozen encoders and captions that do not change per step; a dropped caption uses the cached ""). Without the
+    key the same holds in memory whenever it is allowed (`text_encoder_cache_allowed`)."""
     from loralab.data.captions import process_caption
     from loralab.data.text_encoder_cache import cache_text_encoder_outputs as build_cache
     from loralab.data.text_encoder_cache import encoders_id, output_names
 
+    from loralab.config import text_encoder_cache_allowed
+
     cfg, model = run.cfg, run.model
-    if not cfg.cache_text_encoder_outputs or run.dataset is None:
+    if run.dataset is None or not (cfg.cache_text_encoder_outputs or text_encoder_cache_allowed(cfg)):
         return
     options = {id(s.entry.subset): s.entry.subset.caption_options or run.caption_opts for s in run.dataset.samples}
     no_dropout = {k: dataclasses.replace(o, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
@@ -482,7 +491,8 @@ def cache_text_encoder_outputs(run: Run) -> None:
                                    to_disk=cfg.cache_text_encoder_outputs_to_disk, encoders=te_id,
                                    extra_captions=[""] if dropout else [], batch_size=cfg.train_batch_size,
                                    progress=run.is_main)
-    if run.device.type != "cpu" and not run.network.text_encoder_loras:  # needed again only for sample prompts
+    if cfg.cache_text_encoder_outputs and run.device.type != "cpu" and not run.network.text_encoder_loras:
+        # needed again only for sample prompts and validation (the automatic cache leaves them where they are)
         for te in model.text_encoders:
             te.to("cpu", dtype=torch.float32)
 

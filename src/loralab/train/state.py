@@ -7,6 +7,8 @@ RNG state: a resumed run draws the same noise, timesteps, dropouts and caption s
 one. Unlike kohya, the global step keeps counting across resumes (kohya restarts it at 0).
 
 The folder is written under a temporary name and renamed, so a crash never leaves a half state.
+A recipe may keep tensors of its own beside these (pivotal tuning: `EMBEDDINGS_FILE`, the new tokens'
+vectors, written by the recipe right after the state, restored by it on resume).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from loralab.io import disk_full_error, is_disk_full
 
 STATE_FILE = "train_state.json"
 STATE_PARTS = ("network.safetensors", "optimizer.pt", "scheduler.pt")  # and STATE_FILE; scaler.pt with fp16
+EMBEDDINGS_FILE = "embeddings.safetensors"  # pivotal tuning's new tokens: "<token>.<text encoder index>", fp32
 
 
 @dataclass

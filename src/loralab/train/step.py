@@ -12,12 +12,15 @@ image's size/crop micro-conditioning (`models/sdxl.py`), handed to the UNet as `
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import fields
+import time
+from dataclasses import dataclass, fields
 
 import torch
 
 from loralab.config import TrainConfig
+from loralab.data.transfer import to_device
 from loralab.errors import LoralabError
 from loralab.train.noise import LossOptions
 from loralab.train.run import Run, encode_images, encode_prompts
@@ -37,7 +40,7 @@ def batch_latents(run: Run, batch: list, flips: list[bool], augments: list | Non
     if run.latent_cache is not None:
         if any(a is not None for a in augments):  # config_problems refuses this combination
             raise LoralabError("color_aug / random_crop cannot be used with cached latents")
-        return torch.stack([run.latent_cache.get(s, flipped=f) for s, f in zip(batch, flips)]).to(run.device)
+        return to_device(torch.stack([run.latent_cache.get(s, flipped=f) for s, f in zip(batch, flips)]), run.device)
     images = torch.stack([prepare_image(s.entry.path, s.choice, flip=f, augment=a)
                           for s, f, a in zip(batch, flips, augments)])
     return encode_images(run, images)
@@ -56,7 +59,7 @@ def batch_masks(run: Run, batch: list, flips: list[bool], augments: list) -> tor
     else:
         masks = [prepare_mask(s.entry, s.choice, flip=f, crop_ltrb=a.crop_ltrb if a is not None else None)
                  for s, f, a in zip(batch, flips, augments)]
-    return torch.stack(masks).unsqueeze(1).to(run.device)
+    return to_device(torch.stack(masks).unsqueeze(1), run.device)
 
 
 def pixel_augments(run: Run, batch: list, rng: random.Random) -> list:
@@ -79,8 +82,8 @@ def sdxl_time_ids(run: Run, batch: list, flips: list[bool], augments: list) -> t
 
     crops = [None if a is None or a.crop_ltrb is None else random_crop_top_left(a.crop_ltrb, s.choice.resized, f)
              for s, f, a in zip(batch, flips, augments)]
-    return batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch], flips, run.device,
-                          crops=crops)
+    return to_device(batch_time_ids([s.entry.size for s in batch], [s.choice.bucket for s in batch], flips,
+                                    crops=crops), run.device)
 
 
 def text_conditioning(run: Run, captions: list[str], cached: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -127,7 +130,7 @@ def diffusion_loss(run: Run, batch: list, rng: random.Random, generator: torch.G
         added["time_ids"] = sdxl_time_ids(run, batch, flips, augments)
     noise, noisy, timesteps = N.make_noisy_latents(latents, run.noise_scheduler, **cfg.noise_options(),
                                                    generator=generator)
-    weights = N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight).to(run.device)
+    weights = to_device(N.prior_loss_weight([s.is_reg for s in batch], cfg.prior_loss_weight), run.device)
     masks = batch_masks(run, batch, flips, augments)
     return loss_of_prediction(run, latents, noise, noisy, timesteps, cond, added, weights, masks).mean()
 
@@ -142,7 +145,8 @@ def loss_of_prediction(run: Run, latents: torch.Tensor, noise: torch.Tensor, noi
 
     model, dtype = run.model, run.weight_dtype
     with run.autocast():
-        pred = model.unet(noisy.to(dtype), timesteps, cond.to(dtype), added_cond_kwargs=added or None).sample
+        unet = model.unet if run.unet_forward is None else run.unet_forward  # compiled with torch_compile
+        pred = unet(noisy.to(dtype), timesteps, cond.to(dtype), added_cond_kwargs=added or None).sample
     target = N.training_target(run.noise_scheduler, latents, noise, timesteps, model.v_parameterization)
     return N.loss_per_sample(pred.float(), target.float(), loss_weights=weights, timesteps=timesteps,
                              scheduler=run.noise_scheduler, options=loss_options(run.cfg),
@@ -155,28 +159,71 @@ def loss_options(cfg: TrainConfig) -> LossOptions:
 
 
 def nan_guard(run: Run, loss: torch.Tensor) -> None:
-    """Stop with advice when the loss is not finite; the files saved so far stay.
-
-    Under several processes every process learns whether any of them saw a NaN (one all-reduce of a
-    flag per micro-batch): all stop at the same step, none is left waiting in the gradient all-reduce."""
-    bad = ~torch.isfinite(loss.detach()).reshape(1)
-    where = ""
-    if run.world > 1:
-        import torch.distributed as dist
-
-        flags = bad.float()
-        dist.all_reduce(flags)
-        where = "" if bad.item() else " in another process"
-        bad = flags > 0
-    if not bad.item():
+    """Under several processes: stop every process with advice when any of them has a non-finite loss (one
+    all-reduce of a flag per micro-batch), so none is left waiting in the gradient all-reduce. A single
+    process checks its losses without waiting for the GPU, when `flush_steps` reads them."""
+    if run.world == 1:
         return
-    run.log.event("nan", step=run.global_step, epoch=run.epoch + 1)
+    import torch.distributed as dist
+
+    bad = ~torch.isfinite(loss.detach()).reshape(1)
+    flags = bad.float()
+    dist.all_reduce(flags)
+    if flags.item() > 0:
+        stop_on_nan(run, run.global_step + 1, run.epoch + 1, "" if bad.item() else " in another process")
+
+
+def stop_on_nan(run: Run, step: int, epoch: int, where: str = "") -> None:
+    """The loss of optimizer step `step` (1-based) was not finite: log it and stop with advice; the files saved
+    so far stay (every save reads the pending losses first, so none was saved after the bad step)."""
+    run.log.event("nan", step=step, epoch=epoch)
     run.log.close()
     kept = f" The last good file is {run.last_good}." if run.last_good else " No LoRA file was saved before it."
     raise LoralabError(
-        f"the loss became NaN{where} at step {run.global_step + 1} (epoch {run.epoch + 1}); training stopped.{kept} "
+        f"the loss became NaN{where} at step {step} (epoch {epoch}); training stopped.{kept} "
         "Try a lower learning_rate (or unet_lr/text_encoder_lr), mixed_precision = \"bf16\" instead of "
         "\"fp16\", max_grad_norm = 1.0, or check the images for broken files.")
+
+
+@dataclass
+class PendingStep:
+    """An optimizer step whose loss is still on the device: logged by `flush_steps`."""
+    step: int
+    epoch: int
+    loss: torch.Tensor  # the last micro-batch's loss, as logged
+    check: torch.Tensor  # the sum of the step's micro-batch losses: not finite when any of them was not
+    lrs: dict
+    max_norm: tuple | None
+    time: float
+
+
+def record_step(run: Run, losses: list[torch.Tensor], max_norm: tuple | None) -> None:
+    """Keep the step's losses on the device (no host synchronisation); every `log_every_n_steps` steps, and
+    under several processes every step, `flush_steps` reads them."""
+    from loralab.train.optim import current_lrs
+
+    detached = [x.detach() for x in losses]
+    run.pending.append(PendingStep(run.global_step, run.epoch + 1, detached[-1], torch.stack(detached).sum(),
+                                   current_lrs(run.optimizer, run.lr_scheduler), max_norm, time.time()))
+    if run.world > 1 or run.global_step % max(1, run.cfg.log_every_n_steps) == 0:
+        flush_steps(run)
+
+
+def flush_steps(run: Run, check: bool = True) -> None:
+    """Read the pending steps' losses with one host synchronisation, stop on the first non-finite one
+    (`stop_on_nan`; not with `check=False`, for a run that is failing anyway), log the others in order and set
+    `run.last_loss` / `run.losses`. Called by `record_step`, before every save and before any other log record
+    (`TrainLog.before_write`), so the log stays in step order and no file is saved after a bad step."""
+    pending, run.pending = run.pending, []
+    if not pending:
+        return
+    values = torch.stack([torch.stack([p.loss.float(), p.check.float()]) for p in pending]).tolist()
+    for p, (value, total) in zip(pending, values):
+        if check and not (math.isfinite(value) and math.isfinite(total)):
+            stop_on_nan(run, p.step, p.epoch)
+        run.log.step(p.step, p.epoch, value, p.lrs, max_norm=p.max_norm, at=p.time)
+        run.last_loss = value
+        run.losses.append(value)
 
 
 def backward(run: Run, loss: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from loralab.config.convert import read_kohya_config, toml_value
 from loralab.config.fields import TrainConfig
 from loralab.errors import LoralabError
 
-SOURCE = "form"
+SOURCE = "form"  # where a value came from, as the CLI's messages say "(command line)"; left out of the form's
 
 
 @dataclass
@@ -106,6 +106,7 @@ def check(values: dict[str, str], workdir: Path | None = None) -> FormState:
         problems.append(str(e))
     for m in problems:
         key = message_key(m)
+        m = m.replace(f" ({SOURCE})", "", 1)  # the CLI says where a value came from; next to its field, it is clear
         if key in values:
             state.errors.setdefault(key, []).append(m)
         else:

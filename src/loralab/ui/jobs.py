@@ -1,5 +1,5 @@
 """The job queue of `loralab ui`: jobs kept in SQLite (`<workdir>/ui.sqlite3`), one worker that runs them one
-at a time, each in its own process.
+at a time per device (`startable`), each in its own process.
 
 A job is a `loralab` command line (`train --config <workdir>/jobs/<id>/config.toml`, `review <run>`, `demo`).
 The worker starts `python -m loralab.ui.runjob <job folder> -- <args>` in a new session: that process runs
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     name TEXT NOT NULL,
     args TEXT NOT NULL,             -- JSON list: the loralab command line
     output_dir TEXT NOT NULL,       -- where the command writes (the run folder): its files are served
-    status TEXT NOT NULL,           -- queued, running, done, failed, cancelled
+    status TEXT NOT NULL,           -- new (being added), queued, running, done, failed, cancelled
     created REAL NOT NULL,
     started REAL,
     finished REAL,
@@ -42,7 +42,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     rc INTEGER,
     error TEXT NOT NULL DEFAULT '',
     cancel INTEGER NOT NULL DEFAULT 0,
-    parent INTEGER                  -- the train job a review or resume job belongs to
+    parent INTEGER,                 -- the train job a review or resume job belongs to
+    device TEXT NOT NULL DEFAULT '' -- as asked ('' = the default); once started, the device it runs on
+);
+CREATE TABLE IF NOT EXISTS dataset_roots (  -- the folders the dataset page checked: their images are served
+    n INTEGER PRIMARY KEY,          -- 0, 1, ...: the <n> of /datasets/<n>/<path>
+    path TEXT NOT NULL UNIQUE
 );
 """
 ACTIVE = ("queued", "running")
@@ -64,6 +69,7 @@ class Job:
     error: str
     cancel: int
     parent: int | None
+    device: str = ""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -82,6 +88,8 @@ class JobStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            if "device" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:  # a queue of an older app
+                db.execute("ALTER TABLE jobs ADD COLUMN device TEXT NOT NULL DEFAULT ''")
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -94,10 +102,10 @@ class JobStore:
     def add(self, kind: str, name: str, args: list[str], output_dir: str | Path, parent: int | None = None,
             files: dict[str, str] | None = None) -> Job:
         """Queue a job. `files` ({name: text}) are written into its folder first; "{job_dir}" in `args` is
-        replaced by that folder."""
+        replaced by that folder. Its device is the one its command asks for (`requested_device`)."""
         with self._db() as db:
             cur = db.execute("INSERT INTO jobs (kind, name, args, output_dir, status, created, parent) "
-                             "VALUES (?, ?, '[]', ?, 'queued', ?, ?)", (kind, name, str(output_dir), time.time(), parent))
+                             "VALUES (?, ?, '[]', ?, 'new', ?, ?)", (kind, name, str(output_dir), time.time(), parent))
             job_id = int(cur.lastrowid)
         folder = self.job_dir(job_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +113,8 @@ class JobStore:
             (folder / file_name).write_text(text, encoding="utf-8")
         args = [a.replace("{job_dir}", str(folder)) for a in args]
         output_dir = str(output_dir).replace("{job_dir}", str(folder))
-        self.update(job_id, args=json.dumps(args), output_dir=output_dir)
+        self.update(job_id, args=json.dumps(args), output_dir=output_dir, device=requested_device(kind, args),
+                    status="queued")  # only now, complete, does the worker see it
         return self.get(job_id)
 
     def get(self, job_id: int) -> Job | None:
@@ -126,15 +135,76 @@ class JobStore:
         with self._db() as db:
             db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*values.values(), job_id))
 
+    def claim(self, job_id: int, **values) -> bool:
+        """Mark a queued job running (with `values`), unless it left the queue meanwhile (a cancel): whether it
+        did."""
+        cols = "".join(f", {k} = ?" for k in values)
+        with self._db() as db:
+            cur = db.execute(f"UPDATE jobs SET status = 'running'{cols} WHERE id = ? AND status = 'queued'",
+                             (*values.values(), job_id))
+            return cur.rowcount == 1
+
     def request_cancel(self, job_id: int) -> None:
         """A queued job is cancelled at once; a running one gets SIGINT from the worker (its state is saved)."""
         with self._db() as db:
-            db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ? AND status = 'queued'",
-                       (time.time(), job_id))
+            db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, error = 'cancelled before it started' "
+                       "WHERE id = ? AND status = 'queued'", (time.time(), job_id))
             db.execute("UPDATE jobs SET cancel = 1 WHERE id = ? AND status = 'running'", (job_id,))
 
     def output_dirs(self) -> list[Path]:
         return [Path(j.output_dir) for j in self.all() if j.output_dir]
+
+    def add_dataset_root(self, folder: str | Path) -> int:
+        """Remember a dataset folder (resolved) whose images the app may serve; its number."""
+        path = str(Path(folder).resolve())
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO dataset_roots (n, path) "
+                       "VALUES ((SELECT COALESCE(MAX(n) + 1, 0) FROM dataset_roots), ?)", (path,))
+            return int(db.execute("SELECT n FROM dataset_roots WHERE path = ?", (path,)).fetchone()["n"])
+
+    def dataset_roots(self) -> list[Path]:
+        """The dataset folders, the n-th at index n."""
+        with self._db() as db:
+            return [Path(r["path"]) for r in db.execute("SELECT path FROM dataset_roots ORDER BY n")]
+
+
+def requested_device(kind: str, args: list[str]) -> str:
+    """The device a job's command asks for: its `--device`, else a training's config key `device`, else the
+    command's default ("cpu" for `demo`, "" for the others: cuda if available, else cpu)."""
+    for i, a in enumerate(args[:-1]):
+        if a == "--device":
+            return args[i + 1]
+    if kind == "train" and "--config" in args[:-1]:
+        from loralab.config.convert import read_kohya_config
+        from loralab.errors import LoralabError
+
+        try:
+            return str(read_kohya_config(args[args.index("--config") + 1]).values.get("device") or "")
+        except LoralabError:  # the job itself will say what is wrong with its config
+            return ""
+    return "cpu" if kind == "demo" else ""
+
+
+def device_slot(device: str, default: str) -> str:
+    """The device a job occupies, as `loralab train` resolves it (train/run.py `pick_device`): "" or "auto" is
+    `default`; "cuda" is cuda:0 (torch's current device); every cpu job shares "cpu"."""
+    name = device.strip().lower()
+    name = name if name not in ("", "auto") else default
+    kind, _, index = name.partition(":")
+    return "cpu" if kind == "cpu" else f"{kind}:{index or 0}"
+
+
+def startable(queued: list[Job], running: list[Job], default: str) -> list[Job]:
+    """The queued jobs to start now: one job at a time per device, each device's jobs in queue order (a job for
+    a free device does not wait behind one for a busy device)."""
+    busy = {device_slot(j.device, default) for j in running}
+    out = []
+    for job in queued:
+        slot = device_slot(job.device, default)
+        if slot not in busy:
+            busy.add(slot)
+            out.append(job)
+    return out
 
 
 def read_rc(folder: Path) -> int | None:
@@ -183,11 +253,13 @@ def error_line(log_path: Path) -> str:
 
 
 class Worker:
-    """Runs the queued jobs one at a time (one device), from a thread of the app (`start`) or by `tick()`."""
+    """Runs the queued jobs, one at a time per device (`startable`), from a thread of the app (`start`) or by
+    `tick()`. `default_device` is where a job that names none runs (default: as `loralab train` picks it)."""
 
-    def __init__(self, store: JobStore, interval: float = 0.5) -> None:
+    def __init__(self, store: JobStore, interval: float = 0.5, default_device: str = "") -> None:
         self.store = store
         self.interval = interval
+        self._default = default_device
         self.children: dict[int, subprocess.Popen] = {}  # runners this app started (reaped here)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -209,14 +281,22 @@ class Worker:
                 log.exception("job worker")
             self._stop.wait(self.interval)
 
+    @property
+    def default_device(self) -> str:
+        if not self._default:
+            # imports torch: once, when the first job is queued
+            from loralab.train.run import pick_device
+
+            self._default = str(pick_device(""))
+        return self._default
+
     def tick(self) -> None:
-        running = self.store.with_status("running")
-        for job in running:
+        for job in self.store.with_status("running"):
             self._watch(job)
-        if not self.store.with_status("running"):
-            queued = self.store.with_status("queued")
-            if queued:
-                self._launch(queued[0])
+        queued = self.store.with_status("queued")
+        if queued:
+            for job in startable(queued, self.store.with_status("running"), self.default_device):
+                self._launch(job)
 
     def _watch(self, job: Job) -> None:
         folder = self.store.job_dir(job.id)
@@ -240,13 +320,17 @@ class Worker:
         self.store.update(job.id, status=status, rc=rc, error=error, finished=time.time())
 
     def _launch(self, job: Job) -> None:
+        """Start a queued job; one cancelled since the queue was read is not started (its row is claimed first;
+        a cancel after that reaches the process through `_watch`)."""
+        if not self.store.claim(job.id, started=time.time(), device=device_slot(job.device, self.default_device)):
+            return
         folder = self.store.job_dir(job.id)
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "loralab.ui.runjob", str(folder), "--", *job.args]
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True, cwd=str(self.store.workdir))
         self.children[job.id] = child
-        self.store.update(job.id, status="running", pid=child.pid, started=time.time())
+        self.store.update(job.id, pid=child.pid)
 
 
 def resume_state(job: Job) -> Path | None:

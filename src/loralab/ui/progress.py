@@ -101,7 +101,7 @@ def job_progress(job: Job, job_dir: Path) -> dict[str, Any]:
     out_dir = Path(job.output_dir)
     tail = log_tail(job_dir / "job.log")
     info: dict[str, Any] = {"id": job.id, "status": job.status, "error": job.error, "log": tail, "bar": bar(tail),
-                            "kind": job.kind, "name": job.name}
+                            "kind": job.kind, "name": job.name, "device": job.device}
     records = []
     if job.kind == "train" and (out_dir / LOG_FILE_NAME).is_file():
         records = read_train_log(out_dir)

@@ -21,6 +21,7 @@
     const status = document.getElementById("status");
     status.textContent = info.status;
     status.className = "status-" + info.status;
+    if (info.device) document.getElementById("device").textContent = info.device;
     const err = document.getElementById("error");
     if (info.error) { err.textContent = info.error; err.hidden = false; }
     let p = "–";
