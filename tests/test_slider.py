@@ -327,3 +327,26 @@ def test_uce_erase_on_the_lab_model_erases_red_and_keeps_the_anchors(tmp_path):
     assert sum(c == "red" for c in base[:8]) >= 7
     assert sum(c == "red" for c in erased[:8]) <= 2, erased[:8]
     assert sum(c == t[1] for c, t in zip(erased[8:], others)) >= 7, list(zip(erased[8:], others))
+
+
+def test_uce_on_sdxl_writes_kohyas_sdxl_module_names(tmp_path):
+    """The closed form is computed on diffusers' module paths; SDXL's kohya names differ (input_blocks_...), so
+    the edit is copied by the wrapped layer, not by name: the file holds non-zero k/v modules under kohya's
+    SDXL names."""
+    from safetensors.torch import load_file
+
+    from conftest import write_tiny_checkpoint
+    from loralab.recipes import train_any
+
+    ckpt = write_tiny_checkpoint(tmp_path / "xl.safetensors", "sdxl")
+    text = ('method = "uce"\n[[prompts]]\ntarget = "red heart, green background"\nneutral = "heart, green background"\n'
+            'guidance_scale = 1.0\n[[prompts]]\ntarget = "blue heart, green background"\n'
+            'neutral = "blue heart, green background"\naction = "enhance"\nguidance_scale = 0\n')
+    cfg = build_config(None, {"pretrained_model_name_or_path": str(ckpt), "output_dir": str(tmp_path / "out"),
+                              "prompts_file": str(write(tmp_path / "p.toml", text)), "output_name": "uce",
+                              "resolution": "64", "network_dim": 4, "save_precision": "float"})
+    sd = load_file(str(train_any(cfg).final_file))
+    nonzero = sorted(k.split(".")[0] for k, v in sd.items() if k.endswith("lora_up.weight") and v.abs().max() > 0)
+    assert nonzero and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                         "lora_unet_output_blocks_")) for k in nonzero), nonzero
+    assert all(k.endswith(("_attn2_to_k", "_attn2_to_v")) for k in nonzero)

@@ -122,11 +122,18 @@ class SliderRecipe(Recipe):
         sd = uce_erase_weights(run.model.unet, lambda texts: torch.cat([self.cond[t][0] for t in texts]).float(),
                                lambda t: [tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids, erase, keep,
                                rank=run.cfg.network_dim, keep_weight=self.options.preserve_weight, guidance=etas.pop())
-        with torch.no_grad():
-            for name, m in modules.items():
-                if f"{name}.lora_up.weight" in sd:
-                    m.lora_down.weight.copy_(sd[f"{name}.lora_down.weight"])
-                    m.lora_up.weight.copy_(sd[f"{name}.lora_up.weight"] / m.scale)
+        paths = {id(mod): "lora_unet_" + path.replace(".", "_") for path, mod in run.model.unet.named_modules()}
+        written = 0
+        with torch.no_grad():  # by the wrapped layer (kohya's SDXL names are not the diffusers paths of `sd`)
+            for m in modules.values():
+                key = paths.get(id(m.org_module), "")
+                if f"{key}.lora_up.weight" in sd:
+                    m.lora_down.weight.copy_(sd[f"{key}.lora_down.weight"])
+                    m.lora_up.weight.copy_(sd[f"{key}.lora_up.weight"] / m.scale)
+                    written += 1
+        if written != len(sd) // 3:
+            raise LoralabError(f"method = uce: the network has LoRA modules on {written} of the {len(sd) // 3} "
+                               "cross-attention key/value projections; train the UNet with the default targets")
         run.max_steps = 0
         log.info("method = uce: %d erase prompts edited in closed form, %d texts kept (preserve_weight %g); no "
                  "training steps", len(erase), len(keep), self.options.preserve_weight)
