@@ -463,6 +463,9 @@ def encode_prompts(run: Run, texts: list[str]) -> tuple[torch.Tensor, ...]:
                            clip_skip=run.cfg.clip_skip or None, weighted=run.cfg.weighted_captions)
 
 
+TE_CACHE_BATCH = 32  # captions encoded at once while caching (CLIP encodes each caption independently of its batch)
+
+
 def cache_text_encoder_outputs(run: Run) -> None:
     """cache_text_encoder_outputs(_to_disk): each caption encoded once (config.validate allows it only for
     frozen encoders and captions that do not change per step; a dropped caption uses the cached ""). Without the
@@ -489,7 +492,7 @@ def cache_text_encoder_outputs(run: Run) -> None:
     with run.autocast():
         run.te_cache = build_cache(items, lambda texts: encode_prompts(run, texts), names=output_names(model.family),
                                    to_disk=cfg.cache_text_encoder_outputs_to_disk, encoders=te_id,
-                                   extra_captions=[""] if dropout else [], batch_size=cfg.train_batch_size,
+                                   extra_captions=[""] if dropout else [], batch_size=TE_CACHE_BATCH,
                                    progress=run.is_main)
     if cfg.cache_text_encoder_outputs and run.device.type != "cpu" and not run.network.text_encoder_loras:
         # needed again only for sample prompts and validation (the automatic cache leaves them where they are)
