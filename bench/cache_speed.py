@@ -13,7 +13,6 @@ after a warm-up, and prints images/s.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,6 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import write_result  # noqa: E402
 
 
 def write_images(folder: Path, n: int, size: int) -> None:
@@ -41,7 +43,6 @@ def encoder(kind: str, dev: str):
         return lambda x: F.avg_pool2d(x, 8)[:, :1].repeat(1, 4, 1, 1)
     from diffusers import AutoencoderKL
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_speed import SD15_VAE
 
     from loralab.models import tiny
@@ -93,11 +94,7 @@ def main() -> int:
     result = {"device": device, "torch": torch.__version__, "vae": args.vae, "vae_batch_size": args.batch,
               "size": args.size, "rows": rows}
     if args.out:
-        out = Path(args.out)
-        if out.suffix != ".json":
-            out.mkdir(parents=True, exist_ok=True)
-            out = out / "cache_speed.json"
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        write_result(args.out, "cache_speed.json", result)
     return 0
 
 

@@ -17,7 +17,6 @@ the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import sync, write_dataset, write_model  # noqa: E402
+from train_speed import sync, write_dataset, write_model, write_result  # noqa: E402
 
 
 def lab_model_dir() -> Path:
@@ -139,12 +138,8 @@ def main() -> int:
     result = {"device": device, "torch": torch.__version__, "model": args.model, "batch": args.batch,
               "resolution": res, "steps": args.steps, "extra": extra, "rounds": rows, "median_ratio": ratio}
     print(f"model={args.model} batch={args.batch} device={device}: loop / bare = {ratio:.3f} (median of {len(rows)})")
-    if args.out:  # a .json file, or a folder to write step_overhead.json into
-        out = Path(args.out)
-        if out.suffix != ".json":
-            out.mkdir(parents=True, exist_ok=True)
-            out = out / "step_overhead.json"
-        out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.out:
+        write_result(args.out, "step_overhead.json", result)
     return 0
 
 

@@ -54,6 +54,15 @@ CLIP_BIGG = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_la
                  hidden_act="gelu", projection_dim=1280)
 
 
+def write_result(out: str, name: str, result: dict) -> None:
+    """The figures as JSON: into `out` when it is a .json file, else into `out/<name>` (folders made)."""
+    path = Path(out)
+    if path.suffix != ".json":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / name
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def sync(dev: str) -> None:
     if dev == "cuda":
         torch.cuda.synchronize()

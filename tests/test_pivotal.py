@@ -232,7 +232,8 @@ def test_bundle_separate_file_and_in_memory_model_draw_the_same_image(lab_run, t
     assert not np.array_equal(without_embedding, memory) and not np.array_equal(base, memory)
 
 
-def test_loralab_generate_loads_bundled_and_separate_embeddings(lab_run, tmp_path):
+def test_loralab_generate_loads_bundled_and_separate_embeddings(lab_run, tmp_path, one_thread):
+    # one torch thread here as in the subprocess (OMP_NUM_THREADS=1): the pixels depend on the thread count
     final = lab_run["result"].final_file
     lora_only = tmp_path / "lora_only.safetensors"
     save_file(split_bundle(load_file(str(final)))[0], str(lora_only))
@@ -333,12 +334,18 @@ def test_bad_pivotal_keys_are_refused_before_loading(tmp_path):
             recipe_for(build_config(None, {**keys, **bad})).prepare(build_config(None, {**keys, **bad}))
 
 
-def test_new_tokens_leave_other_captions_alone():
-    tok = clip_tokenizer()
+def embedding_only_encoder() -> torch.nn.Module:
+    """A text encoder reduced to what new tokens touch: its token embedding (CLIP's vocabulary, width 8)."""
     te = torch.nn.Module()
     te.text_model = torch.nn.Module()
     te.text_model.embeddings = torch.nn.Module()
     te.text_model.embeddings.token_embedding = torch.nn.Embedding(49408, 8)
+    return te
+
+
+def test_new_tokens_leave_other_captions_alone():
+    tok = clip_tokenizer()
+    te = embedding_only_encoder()
     texts = ["a vexdef ring", "vexdefs, red", "(vexdef:1.2), Vexdef"]
     before = tokenize(tok, texts)
     add_new_token([tok], [te], TOKEN, [torch.ones(2, 8)])
@@ -414,10 +421,7 @@ def test_probe_bleed_and_maps_read_a_loaded_token_as_its_ids_and_split_it_withou
     from loralab.review.probe import probe_prompts, tag_ids
 
     tok = clip_tokenizer()
-    te = torch.nn.Module()
-    te.text_model = torch.nn.Module()
-    te.text_model.embeddings = torch.nn.Module()
-    te.text_model.embeddings.token_embedding = torch.nn.Embedding(49408, 8)
+    te = embedding_only_encoder()
     add_new_token([tok], [te], TOKEN, [torch.ones(2, 8)])
     try:
         assert tag_ids(tok, TOKEN) == [49408, 49409]

@@ -209,18 +209,15 @@ def prepared_chunks(chunks: Sequence[Sequence[Sample]], workers: int = 0):
     decodes and resizes without holding the GIL) at most 2 × workers chunks ahead, so the memory stays small."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
 
     def load(chunk):
         return torch.stack([prepare_image(s.entry.path, s.choice) for s in chunk])
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
         todo = iter(chunks)
-        for chunk in todo:
-            pending.append((chunk, pool.submit(load, chunk)))
-            if len(pending) >= 2 * workers:
-                break
+        pending = deque((chunk, pool.submit(load, chunk)) for chunk in islice(todo, 2 * workers))
         while pending:
             chunk, future = pending.popleft()
             nxt = next(todo, None)

@@ -435,6 +435,31 @@ def _run_task(name: str, recipe: DemoRecipe, ev: DemoEval, data_dir: Path, reg_d
     return run
 
 
+def _start_second_process(device: str, tag_items, base_items, ev: DemoEval, noreg_args: tuple):
+    """A one-process pool (spawn, this process's torch threads and log level) given the base model's scores and
+    then the run without reg images; returns the pool and the two tasks' results to wait for."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(
+        1, _worker_init, (torch.get_num_threads(), logging.getLogger().getEffectiveLevel()))
+    base = pool.apply_async(_base_task, (device, tag_items, base_items, ev))
+    return pool, base, pool.apply_async(_run_task, noreg_args)
+
+
+def write_pictures(out_dir: Path, runs: list, tag_items, base_items, ev: DemoEval) -> dict[str, str]:
+    """Each run's sample grid (`grid_<run>.png`) and loss plot (`loss_<run>.png`): their file names by key."""
+    from loralab.lab.demo_report import write_grid
+    from loralab.train.logs import plot_loss, read_train_log
+
+    files: dict[str, str] = {}
+    for r in runs:
+        files[f"grid_{r.name}"] = write_grid(out_dir / f"grid_{r.name}.png", r, tag_items, base_items, ev).name
+        title = f"training loss, {'with' if r.with_reg else 'without'} reg images"
+        files[f"loss_{r.name}"] = plot_loss(read_train_log(r.log_file), out_dir / f"loss_{r.name}.png",
+                                            title=title).name
+    return files
+
+
 def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads: int | None = None,
              recipe: DemoRecipe | None = None, ev: DemoEval | None = None, workers: int | None = None) -> Path:
     """Run the whole demo into `out_dir` and return the path of its ``report.md`` (see the module docstring).
@@ -451,11 +476,8 @@ def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads
     the base model's, the smallest of the three) is at least 90 %; if none, the epoch with the largest
     min(concept / 80 %, retention / 90 %).
     """
-    import multiprocessing
-
-    from loralab.lab.demo_report import write_grid, write_report
+    from loralab.lab.demo_report import write_report
     from loralab.lab.evaluator import Evaluator
-    from loralab.train.logs import plot_loss, read_train_log
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -480,10 +502,7 @@ def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads
         reg_dir = out_dir / "reg"
         noreg_args = ("noreg", recipe, ev, data_dir, None, out_dir / "train_noreg", device, tag_items, base_items)
         if n_workers > 1:  # the base model's scores, then the run without reg images, in a second process
-            pool = multiprocessing.get_context("spawn").Pool(
-                1, _worker_init, (torch.get_num_threads(), logging.getLogger().getEffectiveLevel()))
-            base_future = pool.apply_async(_base_task, (device, tag_items, base_items, ev))
-            noreg_future = pool.apply_async(_run_task, noreg_args)
+            pool, base_future, noreg_future = _start_second_process(device, tag_items, base_items, ev, noreg_args)
         model = LabModel.load(device)
         evaluator = Evaluator.load(evaluator_path(), device=device)
         timings["dataset and model load"] = time.perf_counter() - t
@@ -513,12 +532,7 @@ def run_demo(out_dir: Path, device: str = "cpu", *, quick: bool = False, threads
         # 5. files
         t = time.perf_counter()
         picks = {r.name: recommend_epoch(r.scores) for r in runs}
-        files: dict[str, str] = {}
-        for r in runs:
-            files[f"grid_{r.name}"] = write_grid(out_dir / f"grid_{r.name}.png", r, tag_items, base_items, ev).name
-            title = f"training loss, {'with' if r.with_reg else 'without'} reg images"
-            files[f"loss_{r.name}"] = plot_loss(read_train_log(r.log_file), out_dir / f"loss_{r.name}.png",
-                                                title=title).name
+        files = write_pictures(out_dir, runs, tag_items, base_items, ev)
         timings["grids and plots"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         report = write_report(out_dir, runs, picks, recipe, ev, timings, files, quick=quick,

@@ -243,6 +243,12 @@ def read_embedding_file(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
+def embeddings_folder(lora_path: str | Path) -> Path:
+    """Where a pivotal LoRA file's separate embedding files go: `<lora stem>_emb/` beside it."""
+    lora_path = Path(lora_path)
+    return lora_path.with_name(f"{lora_path.stem}_emb")
+
+
 def save_embedding_file(path: str | Path, parts: Sequence[torch.Tensor], family: str, dtype: torch.dtype | None = None,
                         metadata: Mapping[str, str] | None = None) -> None:
     """Write one embedding as a separate file (`embedding_file_tensors`), atomically; `.pt` gets A1111's

@@ -47,7 +47,7 @@ from loralab.config import TrainConfig
 from loralab.errors import LoralabError
 from loralab.models.embeddings import add_new_token, check_word, init_vectors, init_word_ids, token_pieces
 from loralab.models.tokenizer import clip_tokenizer
-from loralab.network.files import bundle_tensors, save_embedding_file
+from loralab.network.files import bundle_tensors, embeddings_folder, save_embedding_file
 from loralab.recipes.lora import LoRARecipe
 from loralab.train.callbacks import Callback
 from loralab.train.loop import TrainResult, fit
@@ -284,7 +284,7 @@ class PivotalRecipe(LoRARecipe):
 
     def save_files(self, run: Run, lora_path: Path) -> list[Path]:
         """Each token as a separate embedding file, `<lora stem>_emb/<token>.safetensors` (main process)."""
-        folder = lora_path.with_name(f"{lora_path.stem}_emb")
+        folder = embeddings_folder(lora_path)
         folder.mkdir(parents=True, exist_ok=True)
         out = []
         for token, parts in self.embeddings().items():

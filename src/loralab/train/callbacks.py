@@ -125,6 +125,8 @@ def remove_old_save(run: Run, name: str, rule: str) -> None:
     in train_log.jsonl as a "removed" event. Main process only; a file that cannot be deleted is a warning."""
     import shutil
 
+    from loralab.network.files import embeddings_folder
+
     path = run.out_dir / name
     if not run.is_main or not path.exists():
         return
@@ -133,7 +135,7 @@ def remove_old_save(run: Run, name: str, rule: str) -> None:
     except OSError as e:
         log.warning("%s: could not remove %s: %s", rule, path, e)
         return
-    emb = path.with_name(f"{path.stem}_emb")  # a pivotal run's separate embeddings of that file
+    emb = embeddings_folder(path)  # a pivotal run's separate embeddings of that file
     if emb.is_dir():
         shutil.rmtree(emb, ignore_errors=True)
     if path in run.saved:

@@ -203,7 +203,8 @@ def record_step(run: Run, losses: list[torch.Tensor], max_norm: tuple | None) ->
     from loralab.train.optim import current_lrs
 
     detached = [x.detach() for x in losses]
-    run.pending.append(PendingStep(run.global_step, run.epoch + 1, detached[-1], torch.stack(detached).sum(),
+    check = detached[0] if len(detached) == 1 else torch.stack(detached).sum()  # no extra kernel without accumulation
+    run.pending.append(PendingStep(run.global_step, run.epoch + 1, detached[-1], check,
                                    current_lrs(run.optimizer, run.lr_scheduler), max_norm, time.time()))
     if run.world > 1 or run.global_step % max(1, run.cfg.log_every_n_steps) == 0:
         flush_steps(run)
